@@ -294,9 +294,11 @@ def de_statistics(X: da.Array, codes: Any, n_groups: int, *, totals: Any = None)
     if codes_da.dtype.kind not in "iu":
         raise InputFormatError(f"codes: expected integer group codes, got dtype {codes_da.dtype}")
     totals_da = cell_totals(X) if totals is None else _row_chunked(totals, X, "totals")
-    x_blocks = X.to_delayed().ravel().tolist()
-    c_blocks = codes_da.to_delayed().ravel().tolist()
-    t_blocks = totals_da.to_delayed().ravel().tolist()
+    # Unoptimized, so the totals and the statistics share X's block keys: with graph
+    # fusion each side would read every chunk again.
+    x_blocks = X.to_delayed(optimize_graph=False).ravel().tolist()
+    c_blocks = codes_da.to_delayed(optimize_graph=False).ravel().tolist()
+    t_blocks = totals_da.to_delayed(optimize_graph=False).ravel().tolist()
     parts = [
         delayed(_chunk_partial, pure=True)(xb, cb, tb, n_groups)
         for xb, cb, tb in zip(x_blocks, c_blocks, t_blocks)

@@ -1,0 +1,172 @@
+"""The ``dask-annot`` command line.
+
+Every error dask-annot raises on purpose is printed as one line (what is wrong,
+which file, what to do) with the error class's exit code; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from . import __version__
+from .errors import DaskAnnotError
+
+EXAMPLE = "data/example/pbmc4k_800cells.h5"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def example_path() -> Path:
+    """The bundled example matrix (800 cells of 10x's pbmc4k, as a Cell Ranger v3 H5)."""
+    return Path(str(resources.files("dask_annot").joinpath(EXAMPLE)))
+
+
+def _cmd_annotate(a: argparse.Namespace) -> int:
+    from . import config, pipeline
+
+    settings = config.resolve(k=a.k, chunk_cells=a.chunk_cells, knn_method=a.knn_method, layout=a.layout,
+                              scheduler=a.scheduler, n_workers=a.n_workers, force=a.force or None)
+    matrix = example_path() if a.matrix == "example" else a.matrix
+    res = pipeline.annotate(a.id, matrix, model=a.cell_annotation_model, output_dir=a.output_dir, settings=settings,
+                            log=_log, progress=sys.stderr.isatty() and not a.quiet)
+    print(res.model_dir)
+    return 0
+
+
+def _cmd_build_reference(a: argparse.Namespace) -> int:
+    from .reference import build_reference
+
+    out = build_reference(
+        a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
+        dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
+        species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
+    )
+    print(out)
+    return 0
+
+
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from . import store
+
+    st = store.convert(a.matrix, a.output)
+    _log(f"{st.path}: {st.n_cells} cells, {st.n_features} genes, {st.nnz} non-zero counts")
+    print(st.path)
+    return 0
+
+
+def _cmd_de(a: argparse.Namespace) -> int:
+    from . import de_cli
+
+    return de_cli.run(a, log=_log)
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from .reference import builtin_models, load_reference
+
+    rows = []
+    paths = [(n, p, "built-in") for n, p in builtin_models().items()] + [(Path(p).name, Path(p), "user") for p in a.paths]
+    for name, path, kind in paths:
+        m = load_reference(path)
+        rows.append({"name": m.name, "kind": kind, "species": m.species, "cells": m.n_cells, "version": m.version,
+                     "labels": list(m.labels), "path": str(path)})
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']}\t{r['kind']}\t{r['species']}\t{r['cells']} cells\tv{r['version']}\t{len(r['labels'])} labels: {', '.join(r['labels'])}")
+    return 0
+
+
+def _cmd_example_path(a: argparse.Namespace) -> int:
+    print(example_path())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dask-annot",
+        description="Cell type annotation of 10x single-cell and Visium HD matrices on your own machine or cluster, with Dask.",
+    )
+    p.add_argument("--version", action="version", version=f"dask-annot {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    an = sub.add_parser("annotate", help="label every cell of a count matrix",
+                        description="Label every cell of a count matrix and write Space Ranger's cell_types outputs.",
+                        epilog="example: dask-annot annotate --id sample1 --matrix filtered_feature_bc_matrix.h5 --output-dir results")
+    an.add_argument("--id", required=True, help="run name; outputs go to OUTPUT_DIR/ID/outs/segmented_outs/cell_types/")
+    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, or 'example'")
+    an.add_argument("--cell-annotation-model", default="auto", help="auto, a built-in model name, or a reference directory (default auto)")
+    an.add_argument("--output-dir", default=".", help="where the ID directory is created (default: current directory)")
+    an.add_argument("--scheduler", default=None, help="threads | processes | local | tcp://HOST:PORT (default threads)")
+    an.add_argument("--n-workers", type=int, default=None, help="workers (default: number of cores)")
+    an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
+    an.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask chunk (default 10000; labels do not depend on it)")
+    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"], help="neighbour search (default: the model's)")
+    an.add_argument("--layout", default=None, choices=["cloud", "hierarchical"], help="cell_types.csv columns (default cloud)")
+    an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
+    an.add_argument("--quiet", action="store_true", help="no progress bar")
+    an.set_defaults(func=_cmd_annotate)
+
+    br = sub.add_parser("build-reference", help="build a reference model from labelled counts",
+                        description="Build a versioned reference (genes, normalization, PCA, embedding, labels, levels, index).",
+                        epilog="example: dask-annot build-reference --input labelled.h5ad --label-column cell_type --name my_ref --output my_ref --ontology-map map.csv")
+    br.add_argument("--input", required=True, help=".h5ad with raw counts (or a 10x H5 with --labels)")
+    br.add_argument("--label-column", required=True, help="obs column (or --labels CSV column) holding the cell type")
+    br.add_argument("--name", required=True, help="model name (the output subdirectory of annotate)")
+    br.add_argument("--output", required=True, help="new directory for the reference")
+    br.add_argument("--ontology-map", default=None, help="CSV label,ontology_id mapping labels to Cell Ontology terms")
+    br.add_argument("--dataset-column", default=None, help="obs column with a dataset/batch id per cell")
+    br.add_argument("--labels", default=None, help="CSV with barcode,<label column>[,<dataset column>] for a 10x H5 input")
+    br.add_argument("--exclude-label", action="append", help="label value marking unlabelled cells, left out (repeatable), e.g. '?'")
+    br.add_argument("--species", default=None, help="human, mouse, ... (default: guessed from the genes)")
+    br.add_argument("--version", default="1", help="model version recorded in the artifact")
+    br.add_argument("--n-hvg", type=int, default=1000, help="highly variable genes (default 1000)")
+    br.add_argument("--n-pcs", type=int, default=30, help="principal components (default 30)")
+    br.add_argument("--seed", type=int, default=0, help="seed for the ANN index")
+    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann"], help="search the model uses (default: exact up to 50,000 cells)")
+    br.set_defaults(func=_cmd_build_reference)
+
+    cv = sub.add_parser("convert", help="convert a matrix into a reusable zarr store",
+                        epilog="example: dask-annot convert --matrix filtered_feature_bc_matrix.h5 --output sample.zarr")
+    cv.add_argument("--matrix", required=True)
+    cv.add_argument("--output", required=True)
+    cv.set_defaults(func=_cmd_convert)
+
+    de = sub.add_parser("de", help="sSeq differential expression between groups of your own",
+                        epilog="example: dask-annot de --matrix filtered_feature_bc_matrix.h5 --groups clusters.csv --output de.csv")
+    de.add_argument("--matrix", required=True)
+    de.add_argument("--groups", required=True, help="CSV barcode,group")
+    de.add_argument("--output", required=True)
+    de.add_argument("--scheduler", default=None)
+    de.add_argument("--n-workers", type=int, default=None)
+    de.set_defaults(func=_cmd_de)
+
+    mo = sub.add_parser("models", help="list built-in (and given) reference models", epilog="example: dask-annot models ./my_ref")
+    mo.add_argument("paths", nargs="*", help="reference directories to list too")
+    mo.add_argument("--json", action="store_true")
+    mo.set_defaults(func=_cmd_models)
+
+    ex = sub.add_parser("example-path", help="print the path of the bundled example matrix")
+    ex.set_defaults(func=_cmd_example_path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DaskAnnotError as exc:
+        print(f"dask-annot: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dask-annot: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Settings: one YAML of defaults in ``dask.config`` under ``annot``, resolved once.
+
+Precedence: command-line flag > dask config / ``DASK_ANNOT__*`` environment > defaults.
+The resolved :class:`Settings` is frozen and passed explicitly; nothing reads the
+global config after that.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import dask.config
+import yaml
+
+from .errors import ConfigError
+
+_loaded = False
+
+
+def _ensure_defaults() -> None:
+    global _loaded
+    if not _loaded:
+        with resources.files("dask_annot").joinpath("annotate.yaml").open("r") as fh:
+            defaults = yaml.safe_load(fh)
+        dask.config.update_defaults(defaults)
+        # environment variables are read by dask at import; refresh so DASK_ANNOT__* set later count too
+        dask.config.refresh()
+        _loaded = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    k: int = 500
+    chunk_cells: int = 10_000
+    knn_method: str = "auto"
+    ann_epsilon: float = 0.2
+    layout: str = "cloud"
+    scheduler: str = "threads"
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    min_cells: int = 100
+    max_cells: int = 1_200_000
+    force: bool = False
+
+
+def resolve(**flags: Any) -> Settings:
+    """Settings from flags (``None`` = not given) over config over defaults, checked."""
+    _ensure_defaults()
+    values = {}
+    for f in dataclasses.fields(Settings):
+        flag = flags.get(f.name)
+        if flag is not None:
+            values[f.name] = flag
+            continue
+        if f.name == "force":
+            values[f.name] = False
+            continue
+        values[f.name] = dask.config.get(f"annot.{f.name.replace('_', '-')}", default=f.default)
+    s = Settings(**values)
+    if int(s.k) < 1:
+        raise ConfigError(f"--k must be at least 1, got {s.k}")
+    if int(s.chunk_cells) < 1:
+        raise ConfigError(f"--chunk-cells must be at least 1, got {s.chunk_cells}")
+    if s.knn_method not in ("auto", "exact", "ann"):
+        raise ConfigError(f"--knn-method must be auto, exact or ann, got '{s.knn_method}'")
+    if s.layout not in ("cloud", "hierarchical"):
+        raise ConfigError(f"--layout must be cloud or hierarchical, got '{s.layout}'")
+    return dataclasses.replace(s, k=int(s.k), chunk_cells=int(s.chunk_cells))

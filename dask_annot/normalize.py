@@ -1,0 +1,65 @@
+"""Normalization: counts -> log1p(counts scaled to 10,000) -> the reference's z-score.
+
+The query is normalized exactly as the reference was: each cell is scaled by its
+``umi_count`` (the Gene Expression total over all of the input's genes, not only
+the reference genes), log1p-transformed, then centred and scaled per gene with
+the reference's mean and standard deviation, clipped at ``clip``.
+"""
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+
+from .errors import ConfigError
+
+
+def check_cell_chunked(x: da.Array, stage: str) -> None:
+    """Stages work on blocks of whole cells: one chunk along the gene axis."""
+    if x.ndim == 2 and len(x.chunks[1]) != 1:
+        raise ConfigError(
+            f"{stage}: the array must be chunked along cells only, got {len(x.chunks[1])} chunks along genes; "
+            f"rechunk with x.rechunk({{0: {x.chunks[0][0]}, 1: -1}})"
+        )
+
+
+def _log_normalize_block(block: sp.csr_matrix, umi: np.ndarray, target_sum: float) -> sp.csr_matrix:
+    """log1p(x / umi * target_sum) per cell; cells with umi 0 stay all zero."""
+    umi = np.asarray(umi, dtype=np.float64).ravel()
+    scale = np.divide(target_sum, umi, out=np.zeros_like(umi), where=umi > 0)
+    out = sp.csr_matrix(block, dtype=np.float64, copy=True)
+    out.data *= np.repeat(scale, np.diff(out.indptr))
+    np.log1p(out.data, out=out.data)
+    return out
+
+
+def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
+    """Dense float32 z-scores (cells x reference genes) of one aligned block."""
+    logn = _log_normalize_block(block, umi, model.target_sum).toarray()
+    z = (logn - model.mean) / model.std
+    np.minimum(z, model.clip, out=z)
+    return z.astype(np.float32)
+
+
+def log_normalize(x: da.Array, umi: da.Array, *, target_sum: float = 1e4) -> da.Array:
+    """Lazy log-normalized CSR blocks (used when building a reference)."""
+    check_cell_chunked(x, "log_normalize")
+    return da.map_blocks(
+        _log_normalize_block, x, umi[:, None], target_sum,
+        dtype=np.float64, chunks=x.chunks, meta=sp.csr_matrix((0, 0), dtype=np.float64),
+    )
+
+
+def zscore(x: da.Array, umi: da.Array, model, *, n_genes: int) -> da.Array:
+    """Lazy dense z-scores of aligned counts against the reference's per-gene parameters.
+
+    ``model`` (a :class:`~dask_annot.reference.Model` or a ``Delayed`` of one, so it
+    is shipped to each worker once) supplies ``mean``, ``std``, ``target_sum``, ``clip``.
+    """
+    check_cell_chunked(x, "zscore")
+    if x.shape[1] != n_genes:
+        raise ConfigError(f"zscore: {x.shape[1]} genes but the reference normalizes {n_genes}")
+    return da.map_blocks(
+        _zscore_block, x, umi[:, None], model,
+        dtype=np.float32, chunks=(x.chunks[0], (n_genes,)), meta=np.empty((0, 0), np.float32),
+    )

@@ -1,0 +1,161 @@
+"""Outputs in Space Ranger's layout, each written whole or not at all.
+
+``<output>/<id>/outs/segmented_outs/cell_types/<model>/`` holds ``cell_types.csv``,
+``cell_annotation_results.json.gz`` (kNN models), ``cell_annotation_differential_expression.csv``
+(two or more coarse types) and ``run.json``, the run record, written last: a
+directory without a complete ``run.json`` is not a finished run.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from .errors import OutputError
+
+Layout = Literal["cloud", "hierarchical"]
+LOW_UMI = "Low UMI Barcode"
+LOW_UMI_THRESHOLD = 100
+CLOUD_COLUMNS = ["barcode", "coarse_cell_type", "fine_cell_type", "cell_count_in_model", "coarse_cell_type_unfiltered", "umi_count"]
+HIERARCHICAL_COLUMNS = [
+    "barcode", "broad_cell_type", "coarse_cell_type", "fine_cell_type", "full_hierarchical_labels",
+    "final_level_softmax_prob", "coarse_cell_type_unfiltered", "umi_count",
+]
+
+
+def model_dir(output_dir: str | os.PathLike, run_id: str, model_name: str) -> Path:
+    return Path(output_dir) / run_id / "outs" / "segmented_outs" / "cell_types" / model_name
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write to a temporary name beside ``path``, flush to disk, then rename into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode() if isinstance(data, str) else data
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc}); free disk space or choose another --output-dir") from exc
+
+
+def fmt_prob(p: float) -> str:
+    """float32 shortest round-trip text, as 10x writes probabilities."""
+    return np.format_float_positional(np.float32(p), unique=True, trim="-")
+
+
+def coarse_labels(fine_codes: np.ndarray, umi: np.ndarray, model) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(fine, coarse_unfiltered, coarse, broad) name arrays; low-UMI cells get ``Low UMI Barcode``."""
+    fine_names = np.array(model.labels, dtype=object)
+    coarse_of = np.array([lv.coarse for lv in model.levels], dtype=object)
+    broad_of = np.array([lv.broad for lv in model.levels], dtype=object)
+    low = umi < LOW_UMI_THRESHOLD
+    coarse_unf = coarse_of[fine_codes]
+    coarse = np.where(low, LOW_UMI, coarse_unf)
+    broad = np.where(low, LOW_UMI, broad_of[fine_codes])
+    return fine_names[fine_codes], coarse_unf, coarse, broad
+
+
+def cell_types_csv(barcodes: np.ndarray, votes: np.ndarray, umi: np.ndarray, model, *, layout: Layout) -> str:
+    """The ``cell_types.csv`` text, one row per barcode in matrix order."""
+    fine, coarse_unf, coarse, broad = coarse_labels(votes["fine"], umi, model)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if layout == "cloud":
+        w.writerow(CLOUD_COLUMNS)
+        for row in zip(barcodes, coarse, fine, votes["count"].tolist(), coarse_unf, umi.tolist()):
+            w.writerow(row)
+    else:
+        paths = {i: lv.path for i, lv in enumerate(model.levels)}
+        w.writerow(HIERARCHICAL_COLUMNS)
+        for b, br, co, fi, code, p, cu, u in zip(barcodes, broad, coarse, fine, votes["fine"].tolist(), votes["prob"].tolist(), coarse_unf, umi.tolist()):
+            w.writerow([b, br, co, fi, paths[code], fmt_prob(p), cu, u])
+    return buf.getvalue()
+
+
+def _json_block(nbrs: np.ndarray, model, barcodes: np.ndarray) -> bytes:
+    """One chunk's cells as gzip-compressed JSON objects joined by commas (a gzip member).
+
+    Pure: the driver concatenates the members between ``[`` and ``]``; concatenated
+    gzip members are one valid gzip stream.
+    """
+    n_labels, n_ds = len(model.labels), len(model.datasets)
+    idx = nbrs["idx"]
+    valid = idx >= 0
+    safe = np.where(valid, idx, 0)
+    code = model.label_codes[safe].astype(np.int64) * n_ds + model.dataset_codes[safe]
+    flat = (np.arange(idx.shape[0])[:, None] * (n_labels * n_ds) + code)[valid]
+    counts = np.bincount(flat, minlength=idx.shape[0] * n_labels * n_ds).reshape(idx.shape[0], n_labels, n_ds)
+    parts = []
+    for i in range(idx.shape[0]):
+        per_label = counts[i]
+        totals = per_label.sum(axis=1)
+        order = np.lexsort((np.arange(n_labels), -totals))
+        matches = []
+        for lab in order:
+            t = int(totals[lab])
+            if t == 0:
+                break
+            ds = [(int(per_label[lab, d]), model.datasets[d]) for d in range(n_ds) if per_label[lab, d]]
+            ds.sort(key=lambda x: (-x[0], x[1]))
+            matches.append({
+                "cell_count_in_model": t,
+                "cell_type": model.labels[lab],
+                "dataset_ids_with_counts": [{"count_per_dataset": c, "dataset_id": d} for c, d in ds],
+            })
+        parts.append(json.dumps({"barcode": str(barcodes[i]), "matches": matches}, separators=(",", ":")))
+    return gzip.compress(",".join(parts).encode(), mtime=0)
+
+
+def json_results(members: list[bytes]) -> bytes:
+    """Join per-chunk gzip members into one gzipped JSON array."""
+    out = [gzip.compress(b"[", mtime=0)]
+    for i, m in enumerate(members):
+        if i:
+            out.append(gzip.compress(b",", mtime=0))
+        out.append(m)
+    out.append(gzip.compress(b"]", mtime=0))
+    return b"".join(out)
+
+
+def check_output_dir(root: Path, *, input_sha256: str, model_name: str) -> None:
+    """Refuse an output directory that holds another input's run."""
+    for record in root.glob("outs/segmented_outs/cell_types/*/run.json"):
+        try:
+            prev = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        prev_sha = prev.get("input", {}).get("sha256")
+        if prev_sha and prev_sha != input_sha256:
+            raise OutputError(
+                f"{root}: holds a run of another input ({prev.get('input', {}).get('path')}); "
+                "choose another --id or --output-dir, or remove that directory"
+            )
+
+
+def write_run_record(path: Path, record: dict) -> None:
+    atomic_write(path, json.dumps(record, indent=1, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

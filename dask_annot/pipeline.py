@@ -1,0 +1,259 @@
+"""The annotate run: the only module that knows the stage order and calls ``compute``.
+
+matrix -> store (zarr, reused) -> align -> normalize -> project -> knn -> vote
+-> outputs, then DE on the final coarse types; run.json is written last.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from . import __version__, align, h5, knn, normalize, outputs, project, store, vote
+from .config import Settings
+from .errors import ConfigError, TooFewCellsError
+from .reference import Model, builtin_models, load_reference, resolve_model
+
+DE_CHUNK_CELLS = 16_384  # fixed, so DE sums (and so its digits) never depend on --chunk-cells
+
+
+@dataclass
+class Timer:
+    stages: dict[str, float] = field(default_factory=dict)
+    _t0: float = field(default_factory=time.perf_counter)
+
+    def stage(self, name: str):
+        timer = self
+
+        class _S:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.stages[name] = round(timer.stages.get(name, 0.0) + time.perf_counter() - self.t, 3)
+
+        return _S()
+
+    @property
+    def total(self) -> float:
+        return round(time.perf_counter() - self._t0, 3)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    model_dir: Path
+    record: dict
+
+
+def _versions() -> dict:
+    import h5py
+    import pandas
+    import scipy
+    import zarr
+
+    out = {"dask-annot": __version__, "python": platform.python_version(), "dask": dask.__version__,
+           "numpy": np.__version__, "scipy": scipy.__version__, "pandas": pandas.__version__,
+           "zarr": zarr.__version__, "h5py": h5py.__version__}
+    try:
+        import distributed
+
+        out["distributed"] = distributed.__version__
+    except ImportError:
+        pass
+    if "pynndescent" in sys.modules:
+        out["pynndescent"] = getattr(sys.modules["pynndescent"], "__version__", "?")
+    return out
+
+
+def choose_model(spec: str, st: store.StoreInfo) -> tuple[Model, align.Alignment, dict]:
+    """The model named by ``spec``; ``auto`` takes the built-in model sharing most genes."""
+    if spec != "auto":
+        model = resolve_model(spec)
+        al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=model.gene_ids,
+                               ref_names=model.gene_names, source=st.source.get("path", st.path), reference=f"model '{model.name}'")
+        return model, al, {"requested": spec}
+    tried = {}
+    best = None
+    for name, path in builtin_models().items():
+        model = load_reference(path)
+        try:
+            al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=model.gene_ids,
+                                   ref_names=model.gene_names, source="query", reference=name)
+        except Exception:
+            tried[name] = 0.0
+            continue
+        tried[name] = al.fraction
+        if best is None or al.fraction > best[1].fraction:
+            best = (model, al)
+    if best is None:
+        from .errors import GeneOverlapError
+
+        raise GeneOverlapError(
+            f"{st.source.get('path', st.path)}: no built-in model shares enough genes with the matrix "
+            f"(shared fractions: {', '.join(f'{k} {v:.0%}' for k, v in tried.items())}); "
+            "build a reference for this species with `dask-annot build-reference`"
+        )
+    return best[0], best[1], {"requested": "auto", "gene_overlap_by_model": {k: round(v, 4) for k, v in tried.items()}}
+
+
+def prepare_store(matrix: str | Path, work_dir: Path, settings: Settings, timer: Timer, log) -> tuple[store.StoreInfo, dict]:
+    """Open or convert the input; check the cell count. Returns the store and the input's fingerprint."""
+    matrix = Path(matrix)
+    if store.is_store(matrix):
+        st = store.open_store(matrix)
+        fp = {"path": st.source.get("path"), "sha256": st.source.get("sha256"), "size": st.source.get("size"), "store": str(matrix)}
+        _check_cells(st.n_cells, str(matrix), settings, log)
+        return st, fp
+    info = h5.open_matrix(matrix)
+    _check_cells(info.n_cells, str(matrix), settings, log)
+    with timer.stage("fingerprint"):
+        fp = store.file_fingerprint(matrix)
+    target = work_dir / "matrix.zarr"
+    with timer.stage("convert"):
+        reused = target.exists()
+        st = store.convert(matrix, target, fingerprint=fp)
+    log(f"{'reused' if reused else 'converted to'} {target} ({st.n_cells} cells, {st.n_features} genes)")
+    return st, {"path": str(matrix.resolve()), **fp, "layout": st.source.get("layout"), "store": str(target), "store_reused": reused}
+
+
+def _check_cells(n: int, path: str, settings: Settings, log) -> None:
+    if n < settings.min_cells:
+        msg = (f"{path}: {n} cells, fewer than the supported minimum of {settings.min_cells}; "
+               "annotation of so few cells is unreliable, pass --force to run anyway")
+        if not settings.force:
+            raise TooFewCellsError(msg)
+        log(f"warning: {msg.split(';')[0]} (running because of --force)")
+    if n > settings.max_cells:
+        log(f"warning: {path}: {n} cells, more than the {settings.max_cells} 10x supports; running anyway")
+
+
+def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir: str | Path = ".",
+             settings: Settings, log=print, progress: bool = False) -> RunResult:
+    """Annotate one matrix with one model and write the outputs; returns where they are."""
+    from .cluster import make_client
+
+    timer = Timer()
+    if not run_id or "/" in run_id or run_id in (".", ".."):
+        raise ConfigError(f"--id '{run_id}' must be a plain name (letters, digits, - and _)")
+    root = Path(output_dir) / run_id
+    st, fp = prepare_store(matrix, root / "work", settings, timer, log)
+    with timer.stage("load_model"):
+        mdl, al, model_choice = choose_model(model, st)
+    mdir = outputs.model_dir(output_dir, run_id, mdl.name)
+    outputs.check_output_dir(root, input_sha256=fp["sha256"], model_name=mdl.name)
+    k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
+    balanced = k_used < settings.k
+    method = knn.choose_method(mdl.n_cells, settings.knn_method if settings.knn_method != "auto" else mdl.meta["knn"]["method"])
+    log(f"model {mdl.name} v{mdl.version}: {al.n_shared}/{al.n_reference_genes} genes shared (by {al.matched_by}); "
+        f"k={k_used} ({k_rule}); {method} search")
+    proj = project.projection_matrix(mdl.loadings, al.query_index >= 0)
+
+    umi_all = st.umi_count
+    with make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+                     memory_limit=settings.memory_limit, log=log) as client:
+        model_d = dask.delayed(mdl, pure=True, traverse=False)
+        proj_d = dask.delayed(proj, pure=True, traverse=False)
+        X = store.counts_array(st, chunk_cells=settings.chunk_cells)
+        umi = store.umi_array(st, chunk_cells=settings.chunk_cells)
+        z = normalize.zscore(align.align(X, al), umi, model_d, n_genes=al.n_reference_genes)
+        emb = project.project(z, proj_d, n_pcs=mdl.n_pcs)
+        nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
+        votes = vote.vote(nbrs, model_d, balanced=balanced)
+        bounds = np.cumsum((0,) + nbrs.chunks[0])
+        members = [dask.delayed(outputs._json_block, pure=True)(blk, model_d, st.barcodes[bounds[i]:bounds[i + 1]])
+                   for i, blk in enumerate(nbrs.to_delayed().ravel())]
+        with timer.stage("annotate"), _progress(progress, client):
+            votes_np, members = dask.compute(votes, members)
+        fine, coarse_unf, coarse, broad = outputs.coarse_labels(votes_np["fine"], umi_all, mdl)
+        groups = sorted(set(coarse.tolist()))
+        de_df = None
+        if len(groups) >= 2:
+            from . import de
+
+            code_of = {g: i for i, g in enumerate(groups)}
+            codes = np.array([code_of[c] for c in coarse], dtype=np.int32)
+            Xde = store.counts_array(st, chunk_cells=DE_CHUNK_CELLS)
+            import dask.array as da
+
+            codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
+            graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
+                                feature_names=np.asarray(st.feature_names, dtype=object))
+            with timer.stage("de"), _progress(progress, client):
+                (de_df,) = dask.compute(graph)
+
+    with timer.stage("write"):
+        mdir.mkdir(parents=True, exist_ok=True)
+        stale = mdir / "run.json"
+        if stale.exists():
+            stale.unlink()  # the directory is not a finished run until the new record lands
+        outputs.atomic_write(mdir / "cell_types.csv", outputs.cell_types_csv(st.barcodes, votes_np, umi_all, mdl, layout=settings.layout))
+        outputs.atomic_write(mdir / "cell_annotation_results.json.gz", outputs.json_results(members))
+        de_path = mdir / "cell_annotation_differential_expression.csv"
+        if de_df is not None:
+            from . import de
+
+            outputs.atomic_write(de_path, de.format_de_csv(de_df))
+        elif de_path.exists():
+            de_path.unlink()
+    low = int(np.count_nonzero(umi_all < outputs.LOW_UMI_THRESHOLD))
+    composition = {g: int(c) for g, c in zip(*np.unique(coarse.astype(str), return_counts=True))}
+    record = {
+        "complete": True,
+        "run_id": run_id,
+        "command": "annotate",
+        "input": fp,
+        "cells": st.n_cells,
+        "genes": st.n_features,
+        "low_umi_barcodes": low,
+        "reference": {"name": mdl.name, "version": mdl.version, "species": mdl.species, "path": mdl.path,
+                      "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
+                      "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **model_choice},
+        "gene_overlap": al.record(),
+        "parameters": {
+            "k_requested": settings.k, "k_used": k_used, "k_rule": k_rule,
+            "vote": "class-balanced plurality (small reference)" if balanced else "plurality (10x)",
+            "distance": "cosine (euclidean on unit-length PCA coordinates)",
+            "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_shared < al.n_reference_genes else "none missing",
+            "knn_method": method, "ann_epsilon": settings.ann_epsilon if method == "ann" else None,
+            "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
+            "scheduler": settings.scheduler, "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
+        },
+        "differential_expression": (
+            {"written": True, "groups": groups} if de_df is not None
+            else {"written": False, "reason": f"fewer than 2 coarse cell types ({len(groups)})"}
+        ),
+        "composition_coarse": composition,
+        "outputs": sorted(p.name for p in mdir.iterdir() if not p.name.startswith(".") and p.name != "run.json"),
+        "versions": _versions(),
+    }
+    record["timings_s"] = {**timer.stages, "total": timer.total}
+    outputs.write_run_record(mdir / "run.json", record)
+    log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
+    return RunResult(model_dir=mdir, record=record)
+
+
+class _progress:
+    """A terminal progress bar for the threaded scheduler; Dask's own for a cluster."""
+
+    def __init__(self, enabled: bool, client):
+        self.enabled, self.client, self.bar = enabled, client, None
+
+    def __enter__(self):
+        if self.enabled and self.client is None:
+            from dask.diagnostics import ProgressBar
+
+            self.bar = ProgressBar(minimum=2, out=sys.stderr)
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.bar.__exit__(*exc)
