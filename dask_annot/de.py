@@ -284,7 +284,9 @@ def de_statistics(X: da.Array, codes: Any, n_groups: int, *, totals: Any = None)
     Returns
     -------
     Delayed
-        A delayed :class:`DEStatistics`; nothing is computed here.
+        A delayed :class:`DEStatistics`; nothing is computed here. Each chunk of X
+        is read once; computed in one ``dask.compute`` call with other collections
+        over X, pass ``optimize_graph=False`` so array fusion does not re-read it.
     """
     _check_matrix(X, "de_statistics")
     n_groups = int(n_groups)

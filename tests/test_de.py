@@ -374,6 +374,25 @@ def test_statistics_do_not_depend_on_chunking(rng) -> None:
     np.testing.assert_array_equal(once.sum_y, got.sum_y)
 
 
+def test_each_chunk_is_read_once() -> None:
+    """One pass: totals, median and sums all come from a single read of each chunk."""
+    mat = sp.csr_matrix(np.random.default_rng(0).poisson(1.0, size=(100, 10)).astype(np.int32))
+    reads: list[int] = []
+
+    def read(lo: int) -> sp.csr_matrix:
+        reads.append(lo)
+        return mat[lo : lo + 25].copy()
+
+    X = da.concatenate([
+        da.from_delayed(delayed(read)(lo), shape=(25, 10), dtype=np.int32, meta=_meta(10)) for lo in range(0, 100, 25)
+    ])
+    ids = np.asarray([f"g{i}" for i in range(10)], dtype=object)
+    de.build_de(X, np.arange(100) % 2, group_names=["a", "b"], feature_ids=ids, feature_names=ids).compute(
+        scheduler="threads"
+    )
+    assert sorted(reads) == [0, 25, 50, 75]
+
+
 # ---------------------------------------------------------------------------
 # the whole method on small matrices against a dense, literal reading of SPEC §4
 # ---------------------------------------------------------------------------
