@@ -111,9 +111,12 @@ class _Partial:
 
 
 def _as_csr(block: Any) -> sp.csr_matrix:
-    if sp.issparse(block):
-        return sp.csr_matrix(block)
-    return sp.csr_matrix(np.asarray(block))
+    """A canonical CSR view of a block (duplicates summed: Σx² needs whole entries)."""
+    out = sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+    if not out.has_canonical_format:
+        out = out.copy()
+        out.sum_duplicates()
+    return out
 
 
 def _row_totals(block: Any) -> np.ndarray:

@@ -125,17 +125,14 @@ def _read(path) -> pd.DataFrame:
 
 @functools.cache
 def golden(name: str) -> Golden:
+    """The golden run's input (grouped as Cell Ranger's run grouped it) and its outputs."""
     folder, data, label = GOLDEN[name]
     path = shared_path(*data)
     info = h5.open_matrix(path)
     adata = anndata.read_h5ad(path, backed="r")
-    labels = adata.obs[label].astype(str).to_numpy()
+    labels = adata.obs[label].astype(str).to_numpy(dtype=object)
     features = adata.var_names.to_numpy().astype(object)
     adata.file.close()
-    return _golden(info, labels, features, shared_path("golden", folder))
-
-
-def _golden(info, labels, features, g) -> Golden:
     # Cells under 100 UMIs would be "Low UMI Barcode"; the golden inputs have none.
     totals = np.concatenate(
         [np.asarray(h5.read_cells(info, lo, lo + 1000).sum(axis=1)).ravel() for lo in range(0, info.n_cells, 1000)]
@@ -143,6 +140,7 @@ def _golden(info, labels, features, g) -> Golden:
     labels = np.where(totals < 100, "Low UMI Barcode", labels)
     names = sorted(set(labels.tolist()))
     codes = np.searchsorted(np.asarray(names, dtype=object), labels).astype(np.int32)
+    g = shared_path("golden", folder)
     return Golden(
         info=info, codes=codes, names=names, features=features,
         de=_read(g / "differential_expression.csv"),
@@ -185,6 +183,8 @@ def check_against_golden(gd: Golden, res: de.DEResult, totals: np.ndarray) -> di
     # integer sums, size factors
     np.testing.assert_array_equal(res.stats.group_sums.T, gd.sums[gd.names].to_numpy(np.int64))
     np.testing.assert_array_equal(totals, gd.size_factors["umi_count"].to_numpy(np.int64))
+    assert gd.size_factors["barcode"].tolist() == gd.info.barcodes.tolist()
+    assert gd.size_factors["group"].tolist() == [gd.names[c] for c in gd.codes]
     errs["size factor"] = assert_close(
         totals / res.stats.median_total, gd.size_factors["size_factor"].to_numpy(), "size factor", rtol=1e-12
     )
@@ -374,6 +374,18 @@ def test_statistics_do_not_depend_on_chunking(rng) -> None:
     np.testing.assert_array_equal(once.sum_y, got.sum_y)
 
 
+def test_duplicate_csr_entries_count_once() -> None:
+    """Non-canonical CSR (duplicate entries) gives the sums of the canonical matrix."""
+    dup = sp.csr_matrix(
+        (np.array([1, 2, 3, 4], np.int32), np.array([0, 0, 1, 1]), np.array([0, 2, 4])), shape=(2, 2)
+    )
+    canon = dup.copy()
+    canon.sum_duplicates()
+    totals = np.array([3, 7])
+    codes = np.array([0, 1])
+    _partial_equal(de._chunk_partial(dup, codes, totals, 2), de._chunk_partial(canon, codes, totals, 2))
+
+
 def test_each_chunk_is_read_once() -> None:
     """One pass: totals, median and sums all come from a single read of each chunk."""
     mat = sp.csr_matrix(np.random.default_rng(0).poisson(1.0, size=(100, 10)).astype(np.int32))
@@ -473,7 +485,9 @@ def test_small_matrix_matches_dense_reference(seed: int) -> None:
     df = de.build_de(
         X, codes, group_names=names, feature_ids=ids, feature_names=ids, big_count=20
     ).compute(scheduler="sync")
-    assert list(df.columns[:5]) == ["Feature ID", "Feature Name", "a Mean Counts", "a Log2 fold change", "a Adjusted p value"]
+    assert list(df.columns[:5]) == [
+        "Feature ID", "Feature Name", "a Mean Counts", "a Log2 fold change", "a Adjusted p value"
+    ]
     np.testing.assert_array_equal(df["c Mean Counts"].to_numpy(), res.mean_counts[2])
 
 
@@ -507,7 +521,10 @@ def test_exact_matches_bruteforce(a: float, b: float, n: int, frac: float) -> No
 
 @pytest.mark.parametrize(
     "a,b,n",
-    [(0.3, 0.4, 50), (0.5, 1.5, 40), (1.0, 1.0, 30), (1.5, 0.5, 40), (0.05, 500.0, 300), (500.0, 0.05, 300), (2.0, 2.0, 1)],
+    [
+        (0.3, 0.4, 50), (0.5, 1.5, 40), (1.0, 1.0, 30), (1.5, 0.5, 40),
+        (0.05, 500.0, 300), (500.0, 0.05, 300), (2.0, 2.0, 1),
+    ],
 )
 def test_exact_shapes_and_ends(a: float, b: float, n: int) -> None:
     """U shapes (a+b < 2), flat and monotone laws (a+b = 2), every observed value."""
