@@ -60,9 +60,11 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 
 
 def _cmd_de(a: argparse.Namespace) -> int:
-    from . import de_cli
+    from . import config, pipeline
 
-    return de_cli.run(a, log=_log)
+    settings = config.resolve(scheduler=a.scheduler, n_workers=a.n_workers)
+    print(pipeline.run_de(a.matrix, a.groups, a.output, settings=settings, log=_log))
+    return 0
 
 
 def _cmd_models(a: argparse.Namespace) -> int:

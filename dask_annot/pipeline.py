@@ -257,3 +257,51 @@ class _progress:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.bar.__exit__(*exc)
+
+
+def run_de(matrix: str | Path, groups_csv: str | Path, output: str | Path, *, settings: Settings, log=print) -> Path:
+    """``dask-annot de``: sSeq DE between the user's own groups (CSV ``barcode,group``)."""
+    import dask.array as da
+    import pandas as pd
+
+    from . import de
+    from .cluster import make_client
+    from .errors import InputFormatError, InputNotFoundError
+
+    timer = Timer()
+    output = Path(output)
+    groups_csv = Path(groups_csv)
+    if not groups_csv.exists():
+        raise InputNotFoundError(f"{groups_csv}: no such file; pass a CSV with columns barcode,group")
+    table = pd.read_csv(groups_csv, dtype=str, keep_default_na=False)
+    if list(table.columns[:2]) != ["barcode", "group"] and not {"barcode", "group"} <= set(table.columns):
+        raise InputFormatError(f"{groups_csv}: needs a header with columns barcode,group; found {', '.join(table.columns)}")
+    matrix = Path(matrix)
+    if store.is_store(matrix):
+        st = store.open_store(matrix)
+    else:
+        info = h5.open_matrix(matrix)
+        with timer.stage("convert"):
+            st = store.convert(matrix, output.with_name(f".{output.name}.work") / "matrix.zarr")
+        del info
+    lookup = dict(zip(table["barcode"], table["group"]))
+    missing = [b for b in st.barcodes if b not in lookup]
+    if missing:
+        raise InputFormatError(f"{groups_csv}: {len(missing)} barcodes of the matrix have no group (e.g. {missing[0]}); give every barcode a group")
+    labels = np.array([lookup[b] for b in st.barcodes], dtype=object)
+    groups = sorted(set(labels.tolist()))
+    if len(groups) < 2:
+        raise InputFormatError(f"{groups_csv}: only one group ({groups[0]}); differential expression needs at least two")
+    code_of = {g: i for i, g in enumerate(groups)}
+    codes = np.array([code_of[g] for g in labels], dtype=np.int32)
+    with make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+                     memory_limit=settings.memory_limit, log=log):
+        X = store.counts_array(st, chunk_cells=DE_CHUNK_CELLS)
+        graph = de.build_de(X, da.from_array(codes, chunks=(X.chunks[0],)), group_names=groups,
+                            feature_ids=np.asarray(st.feature_ids, dtype=object), feature_names=np.asarray(st.feature_names, dtype=object))
+        with timer.stage("de"):
+            (df,) = dask.compute(graph)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    outputs.atomic_write(output, de.format_de_csv(df))
+    log(f"wrote {output} ({len(groups)} groups, {st.n_features} genes); timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timer.stages.items()))
+    return output
