@@ -36,7 +36,7 @@ def label_counts(nbrs: np.ndarray, label_codes: np.ndarray, n_labels: int) -> tu
     counts = np.bincount(flat, minlength=n * n_labels).reshape(n, n_labels)
     w = _weights(nbrs["dist"], valid)
     wsum = np.bincount(flat, weights=w[valid], minlength=n * n_labels).reshape(n, n_labels)
-    return counts, wsum
+    return counts, wsum.astype(np.float64)  # bincount of nothing is int64
 
 
 def _vote_block(nbrs: np.ndarray, model, balanced: bool) -> np.ndarray:

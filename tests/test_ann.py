@@ -1,0 +1,28 @@
+"""ANN recall against exact search on a real reference (layer 4)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dask_annot import align, h5, knn, normalize, project, reference, vote
+
+from .conftest import shared_path
+
+
+@pytest.mark.slow
+def test_pynndescent_recall_at_k500_on_real_pbmc():
+    """pbmc4k cells against the built-in 3,500-cell PBMC reference, k=500: recall >= 0.95, top label >= 0.995."""
+    m = reference.resolve_model("human_pbmc_v1")
+    info = h5.open_matrix(shared_path("data", "pbmc4k_soupx", "pbmc4k_2170cells_soupx_labels.h5ad"))
+    X = h5.read_cells(info, 0, info.n_cells)
+    al = align.align_genes(query_ids=info.feature_ids, query_names=info.feature_names, ref_ids=m.gene_ids, ref_names=m.gene_names)
+    z = normalize._zscore_block(align._align_block(X, al.selection()), np.asarray(X.sum(axis=1)).ravel(), m)
+    emb = project._project_block(z, project.projection_matrix(m.loadings, al.query_index >= 0))
+    exact = knn._exact_block(emb, m, 500)
+    ann = knn._ann_block(emb, m, 500, 0.2)
+    recall = np.mean([np.intersect1d(a[a >= 0], b).size / 500 for a, b in zip(ann["idx"], exact["idx"])])
+    agree = np.mean(vote._vote_block(ann, m, False)["fine"] == vote._vote_block(exact, m, False)["fine"])
+    print(f"recall@500={recall:.4f} top-label agreement={agree:.4f}")
+    assert recall >= 0.95
+    assert agree >= 0.995
+    assert (ann["idx"] >= 0).all()  # no inf padding at epsilon=0.2
