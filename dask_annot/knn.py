@@ -21,6 +21,7 @@ from .normalize import check_cell_chunked
 
 Method = Literal["exact", "ann"]
 EXACT_MAX_REFERENCE_CELLS = 50_000
+ANN_BATCH_CELLS = 2048
 _EXACT_ROWS = 256
 
 
@@ -87,8 +88,19 @@ def _neighbors_block(q: np.ndarray, model, k: int, method: str, epsilon: float) 
 
 
 def neighbors(emb: da.Array, model, *, k: int, method: Method, epsilon: float = 0.2) -> da.Array:
-    """Lazy per-cell record array of the ``k`` nearest reference cells."""
+    """Lazy per-cell record array of the ``k`` nearest reference cells.
+
+    pynndescent's serial search carries one random state through a batch, so a
+    cell's approximate neighbours depend on its place in the batch. The ANN
+    search therefore runs on fixed batches of :data:`ANN_BATCH_CELLS` cells at
+    fixed positions of the matrix, whatever ``--chunk-cells`` or the number of
+    workers; exact search is row-wise and keeps the given chunks.
+    """
     check_cell_chunked(emb, "neighbors")
+    if method == "ann":
+        from .store import cell_chunks
+
+        emb = emb.rechunk({0: cell_chunks(emb.shape[0], ANN_BATCH_CELLS), 1: -1})
     return da.map_blocks(
         _neighbors_block, emb, model, k, method, epsilon,
         dtype=neighbor_dtype(k), chunks=(emb.chunks[0],), drop_axis=1,

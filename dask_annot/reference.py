@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import resources
@@ -104,26 +105,43 @@ class Model:
         self.__dict__.update(state)
 
 
-_INDEX_CACHE: dict[tuple[str, str], object] = {}
+_INDEX_BYTES: dict[tuple[str, str], bytes] = {}
+_INDEX_CACHE: dict[tuple[str, str, int], object] = {}
+_INDEX_LOCK = threading.Lock()
 
 
 def _ann_index(model: Model):
-    key = (model.path, model.meta.get("checksums", {}).get("index.pkl", ""))
-    if key in _INDEX_CACHE:
-        return _INDEX_CACHE[key]
-    knn = model.meta["knn"]
-    index = None
+    """One index object per (reference, thread): pynndescent's search writes to
+    buffers held by the index, so threads must not share one. The pickled index
+    is read (or, if it cannot be unpickled here, rebuilt from the embedding and
+    seed) once per process."""
+    ref_key = (model.path, model.meta.get("checksums", {}).get("index.pkl", ""))
+    key = (*ref_key, threading.get_ident())
+    with _INDEX_LOCK:
+        if key in _INDEX_CACHE:
+            return _INDEX_CACHE[key]
+        blob = _INDEX_BYTES.get(ref_key)
+        if blob is None:
+            blob = _index_bytes(model)
+            _INDEX_BYTES[ref_key] = blob
+    index = pickle.loads(blob)
+    with _INDEX_LOCK:
+        _INDEX_CACHE[key] = index
+    return index
+
+
+def _index_bytes(model: Model) -> bytes:
     p = Path(model.path) / "index.pkl"
     if p.exists():
+        blob = p.read_bytes()
         try:
-            with open(p, "rb") as fh:
-                index = pickle.load(fh)
+            pickle.loads(blob)
+            return blob
         except Exception:  # another pynndescent/numba version: rebuild below
-            index = None
-    if index is None:
-        index = build_ann_index(model.embedding, seed=int(knn["seed"]), n_neighbors=int(knn["n_neighbors"]))
-    _INDEX_CACHE[key] = index
-    return index
+            pass
+    knn = model.meta["knn"]
+    index = build_ann_index(model.embedding, seed=int(knn["seed"]), n_neighbors=int(knn["n_neighbors"]))
+    return pickle.dumps(index, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:
@@ -139,7 +157,7 @@ def build_ann_index(embedding: np.ndarray, *, seed: int, n_neighbors: int = 30):
 
     index = NNDescent(
         unit_rows(embedding).astype(np.float32), metric="euclidean", n_neighbors=n_neighbors,
-        random_state=seed, n_jobs=1, low_memory=True, compressed=False,
+        random_state=seed, n_jobs=1, low_memory=True, compressed=False, parallel_batch_queries=False,
     )
     index.prepare()
     return index

@@ -26,3 +26,20 @@ def test_pynndescent_recall_at_k500_on_real_pbmc():
     assert recall >= 0.95
     assert agree >= 0.995
     assert (ann["idx"] >= 0).all()  # no inf padding at epsilon=0.2
+
+
+@pytest.mark.slow
+def test_ann_neighbours_do_not_depend_on_chunking_or_threads():
+    """pynndescent's serial search is position-dependent within a batch; the stage fixes the batches."""
+    import dask
+    import dask.array as da
+
+    m = reference.resolve_model("human_pbmc_v1")
+    rng = np.random.default_rng(1)
+    q = m.embedding[rng.integers(0, m.n_cells, 5000)] + rng.normal(size=(5000, m.n_pcs)).astype(np.float32) * 0.5
+    runs = []
+    for chunk, scheduler in [(5000, "sync"), (777, "threads"), (4096, "threads")]:
+        with dask.config.set(scheduler=scheduler, num_workers=2):
+            runs.append(knn.neighbors(da.from_array(q, chunks=(chunk, -1)), m, k=500, method="ann").compute())
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r["idx"], runs[0]["idx"])
