@@ -130,7 +130,7 @@ def json_results(members: list[bytes]) -> bytes:
     return b"".join(out)
 
 
-def check_output_dir(root: Path, *, input_sha256: str, model_name: str) -> None:
+def check_output_dir(root: Path, *, input_sha256: str) -> None:
     """Refuse an output directory that holds another input's run."""
     for record in root.glob("outs/segmented_outs/cell_types/*/run.json"):
         try:

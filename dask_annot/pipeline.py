@@ -5,8 +5,12 @@ matrix -> store (zarr, reused) -> align -> normalize -> project -> knn -> vote
 """
 from __future__ import annotations
 
+import errno
+import json
+import os
 import platform
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +21,7 @@ import numpy as np
 
 from . import __version__, align, h5, knn, normalize, outputs, project, store, vote
 from .config import Settings
-from .errors import ConfigError, TooFewCellsError
+from .errors import ConfigError, DaskAnnotError, OutputError, TooFewCellsError
 from .reference import Model, builtin_models, load_reference, resolve_model
 
 DE_CHUNK_CELLS = 16_384  # fixed, so DE sums (and so its digits) never depend on --chunk-cells
@@ -103,17 +107,22 @@ def choose_model(spec: str, st: store.StoreInfo) -> tuple[Model, align.Alignment
 
 
 def prepare_store(matrix: str | Path, work_dir: Path, settings: Settings, timer: Timer, log) -> tuple[store.StoreInfo, dict]:
-    """Open or convert the input; check the cell count. Returns the store and the input's fingerprint."""
+    """Open or convert the input; check the cell count and that the run directory
+    is free for this input (before anything is written). Returns the store and the
+    input's fingerprint."""
     matrix = Path(matrix)
+    root = work_dir.parent
     if store.is_store(matrix):
         st = store.open_store(matrix)
         fp = {"path": st.source.get("path"), "sha256": st.source.get("sha256"), "size": st.source.get("size"), "store": str(matrix)}
         _check_cells(st.n_cells, str(matrix), settings, log)
+        outputs.check_output_dir(root, input_sha256=fp["sha256"])
         return st, fp
     info = h5.open_matrix(matrix)
     _check_cells(info.n_cells, str(matrix), settings, log)
     with timer.stage("fingerprint"):
         fp = store.file_fingerprint(matrix)
+    outputs.check_output_dir(root, input_sha256=fp["sha256"])
     target = work_dir / "matrix.zarr"
     with timer.stage("convert"):
         reused = target.exists()
@@ -136,6 +145,21 @@ def _check_cells(n: int, path: str, settings: Settings, log) -> None:
 def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir: str | Path = ".",
              settings: Settings, log=print, progress: bool = False) -> RunResult:
     """Annotate one matrix with one model and write the outputs; returns where they are."""
+    try:
+        return _annotate(run_id, matrix, model=model, output_dir=output_dir, settings=settings, log=log, progress=progress)
+    except OSError as exc:
+        if isinstance(exc, DaskAnnotError) or exc.errno not in _WRITE_ERRNOS:
+            raise
+        where = exc.filename or Path(output_dir) / run_id
+        what = "free disk space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check permissions"
+        raise OutputError(f"{where}: {exc.strerror or exc}; {what} or choose another --output-dir") from exc
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
+
+
+def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | Path,
+              settings: Settings, log, progress: bool) -> RunResult:
     from .cluster import make_client
 
     timer = Timer()
@@ -146,7 +170,6 @@ def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir
     with timer.stage("load_model"):
         mdl, al, model_choice = choose_model(model, st)
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
-    outputs.check_output_dir(root, input_sha256=fp["sha256"], model_name=mdl.name)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
     method = knn.choose_method(mdl.n_cells, settings.knn_method if settings.knn_method != "auto" else mdl.meta["knn"]["method"])
@@ -164,12 +187,22 @@ def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir
         z = normalize.zscore(align.align(X, al), umi, model_d, n_genes=al.n_reference_genes)
         emb = project.project(z, proj_d, n_pcs=mdl.n_pcs)
         nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
-        votes = vote.vote(nbrs, model_d, balanced=balanced)
         bounds = np.cumsum((0,) + nbrs.chunks[0])
-        members = [dask.delayed(outputs._json_block, pure=True)(blk, model_d, st.barcodes[bounds[i]:bounds[i + 1]])
-                   for i, blk in enumerate(nbrs.to_delayed().ravel())]
+        ckpt = _checkpoint_dir(root / "work", fp, mdl, k_used, method, balanced, settings, bounds)
+        done = _finished_chunks(ckpt, bounds)
+        parts = []
+        for i, blk in enumerate(nbrs.to_delayed().ravel()):
+            path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
+            if i in done:
+                parts.append(dask.delayed(_load_chunk, pure=True)(path))
+            else:
+                parts.append(dask.delayed(_finish_chunk, pure=True)(blk, model_d, balanced, st.barcodes[bounds[i]:bounds[i + 1]], path))
+        if done:
+            log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
         with timer.stage("annotate"), _progress(progress, client):
-            votes_np, members = dask.compute(votes, members)
+            (parts,) = dask.compute(parts)
+        votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
+        members = [p[1] for p in parts]
         fine, coarse_unf, coarse, broad = outputs.coarse_labels(votes_np["fine"], umi_all, mdl)
         groups = sorted(set(coarse.tolist()))
         de_df = None
@@ -236,6 +269,44 @@ def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir
     outputs.write_run_record(mdir / "run.json", record)
     log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
     return RunResult(model_dir=mdir, record=record)
+
+
+def _checkpoint_dir(work: Path, fp: dict, mdl: Model, k_used: int, method: str, balanced: bool, settings: Settings, bounds) -> Path:
+    """Per-chunk results live under a key of everything that determines them."""
+    import hashlib
+
+    key = json.dumps({
+        "input": fp.get("sha256"), "reference": mdl.meta.get("checksums"), "model": mdl.name, "k": k_used,
+        "method": method, "epsilon": settings.ann_epsilon if method == "ann" else None, "balanced": balanced,
+        "bounds": [int(b) for b in bounds], "version": __version__,
+    }, sort_keys=True)
+    return work / "chunks" / f"{mdl.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _finished_chunks(ckpt: Path, bounds) -> set[int]:
+    done = set()
+    for i in range(len(bounds) - 1):
+        if (ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz").is_file():
+            done.add(i)
+    return done
+
+
+def _finish_chunk(nbrs: np.ndarray, model: Model, balanced: bool, barcodes: np.ndarray, path: str) -> tuple[np.ndarray, bytes]:
+    """Vote and JSON of one chunk, saved under ``path`` (atomically) so a rerun can reuse them."""
+    votes = vote._vote_block(nbrs, model, balanced)
+    member = outputs._json_block(nbrs, model, barcodes)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, votes=votes, member=np.frombuffer(member, dtype=np.uint8))
+    os.replace(tmp, p)
+    return votes, member
+
+
+def _load_chunk(path: str) -> tuple[np.ndarray, bytes]:
+    with np.load(path) as z:
+        return z["votes"], z["member"].tobytes()
 
 
 class _progress:

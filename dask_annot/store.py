@@ -30,7 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from . import h5
-from .errors import StoreError
+from .errors import OutputError, StoreError
 
 FORMAT = "dask-annot-store"
 FORMAT_VERSION = 1
@@ -103,6 +103,12 @@ def convert(matrix: str | os.PathLike, output: str | os.PathLike, *, cells_per_b
     try:
         _write(info, tmp, fp, cells_per_block)
         os.replace(tmp, output)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(
+            f"{output}: writing the converted store failed ({exc.strerror or exc}); "
+            "free disk space or choose another --output-dir / --output"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
