@@ -66,8 +66,8 @@ def _decode(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _read_dataset(path: str, h5: h5py.File, key: str) -> np.ndarray:
-    """Read a whole dataset, turning HDF5 faults into a clear error naming file and key."""
+def _read_dataset(path: str, h5: h5py.File, key: str, *, kinds: str | None = None) -> np.ndarray:
+    """Read a whole 1-D dataset, turning HDF5 faults and wrong shapes into a clear error naming file and key."""
     if key not in h5:
         raise InputFormatError(
             f"{path}: the HDF5 file has no '{key}' dataset, so it is not a complete 10x matrix; "
@@ -76,6 +76,10 @@ def _read_dataset(path: str, h5: h5py.File, key: str) -> np.ndarray:
     obj = h5[key]
     if not isinstance(obj, h5py.Dataset):
         raise InputFormatError(f"{path}: '{key}' is a group, not a dataset; the file is not a 10x matrix")
+    if obj.ndim != 1:
+        raise InputFormatError(f"{path}: '{key}' is {obj.ndim}-dimensional, expected a 1-D array; the file is not a valid 10x matrix")
+    if kinds and obj.dtype.kind not in kinds:
+        raise InputFormatError(f"{path}: '{key}' holds {obj.dtype} values, which a 10x matrix never does; regenerate the file")
     try:
         return obj[()]
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
@@ -205,18 +209,18 @@ def _dataset_len(path: str, h5: h5py.File, key: str) -> int:
 
 def _open_v3(path: str, h5: h5py.File) -> MatrixInfo:
     g = "matrix"
-    barcodes = _decode(_read_dataset(path, h5, f"{g}/barcodes"))
-    ids = _decode(_read_dataset(path, h5, f"{g}/features/id"))
-    names = _decode(_read_dataset(path, h5, f"{g}/features/name"))
-    types = _decode(_read_dataset(path, h5, f"{g}/features/feature_type"))
+    barcodes = _decode(_read_dataset(path, h5, f"{g}/barcodes", kinds="SOU"))
+    ids = _decode(_read_dataset(path, h5, f"{g}/features/id", kinds="SOU"))
+    names = _decode(_read_dataset(path, h5, f"{g}/features/name", kinds="SOU"))
+    types = _decode(_read_dataset(path, h5, f"{g}/features/feature_type", kinds="SOU"))
     genome_key = f"{g}/features/genome"
-    genome = _decode(_read_dataset(path, h5, genome_key)) if genome_key in h5 else np.array([""] * ids.size, dtype=object)
+    genome = _decode(_read_dataset(path, h5, genome_key, kinds="SOU")) if genome_key in h5 else np.array([""] * ids.size, dtype=object)
     if not (ids.size == names.size == types.size == genome.size):
         raise InputFormatError(
             f"{path}: the features datasets (id {ids.size}, name {names.size}, feature_type {types.size}) differ in length"
         )
-    indptr = _read_dataset(path, h5, f"{g}/indptr")
-    shape = _read_dataset(path, h5, f"{g}/shape")
+    indptr = _read_dataset(path, h5, f"{g}/indptr", kinds="iu")
+    shape = _read_dataset(path, h5, f"{g}/shape", kinds="iu")
     nnz = _check_csc_shape(
         path, shape, ids.size, barcodes.size, indptr,
         _dataset_len(path, h5, f"{g}/data"), _dataset_len(path, h5, f"{g}/indices"),
@@ -232,13 +236,13 @@ def _open_v3(path: str, h5: h5py.File) -> MatrixInfo:
 
 
 def _open_legacy(path: str, h5: h5py.File, g: str) -> MatrixInfo:
-    barcodes = _decode(_read_dataset(path, h5, f"{g}/barcodes"))
-    ids = _decode(_read_dataset(path, h5, f"{g}/genes"))
-    names = _decode(_read_dataset(path, h5, f"{g}/gene_names")) if f"{g}/gene_names" in h5 else ids.copy()
+    barcodes = _decode(_read_dataset(path, h5, f"{g}/barcodes", kinds="SOU"))
+    ids = _decode(_read_dataset(path, h5, f"{g}/genes", kinds="SOU"))
+    names = _decode(_read_dataset(path, h5, f"{g}/gene_names", kinds="SOU")) if f"{g}/gene_names" in h5 else ids.copy()
     if ids.size != names.size:
         raise InputFormatError(f"{path}: '{g}/genes' and '{g}/gene_names' differ in length")
-    indptr = _read_dataset(path, h5, f"{g}/indptr")
-    shape = _read_dataset(path, h5, f"{g}/shape")
+    indptr = _read_dataset(path, h5, f"{g}/indptr", kinds="iu")
+    shape = _read_dataset(path, h5, f"{g}/shape", kinds="iu")
     nnz = _check_csc_shape(
         path, shape, ids.size, barcodes.size, indptr,
         _dataset_len(path, h5, f"{g}/data"), _dataset_len(path, h5, f"{g}/indices"),
@@ -370,8 +374,10 @@ def _load_mex(info: MatrixInfo) -> sp.csr_matrix:
 
 def _validated(info: MatrixInfo, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_cols: int, first_cell: int) -> sp.csr_matrix:
     """Build a cells x features CSR block, checking values and indices; keep Gene Expression columns."""
-    if data.dtype.kind not in "iuf":
-        raise InvalidCountsError(f"{info.path}: counts are of type {data.dtype}, expected numbers")
+    if data.dtype.kind not in "iuf" or data.ndim != 1:
+        raise InvalidCountsError(f"{info.path}: counts are of type {data.dtype} ({data.ndim}-D), expected a 1-D array of numbers")
+    if indices.dtype.kind not in "iu" or indices.ndim != 1:
+        raise InputFormatError(f"{info.path}: feature indices are of type {indices.dtype} ({indices.ndim}-D), expected 1-D integers; regenerate the matrix")
     if indices.size and (indices.min() < 0 or indices.max() >= n_cols):
         raise InputFormatError(
             f"{info.path}: a feature index is outside 0..{n_cols - 1} (cells from {first_cell}); "
