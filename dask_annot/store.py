@@ -97,6 +97,7 @@ def convert(matrix: str | os.PathLike, output: str | os.PathLike, *, cells_per_b
             "remove it or choose another --output / --output-dir"
         )
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(output)
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -113,6 +114,24 @@ def convert(matrix: str | os.PathLike, output: str | os.PathLike, *, cells_per_b
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return open_store(output)
+
+
+def _remove_stale_temporaries(output: Path) -> None:
+    """Delete half-written stores left by killed conversions (their process is gone)."""
+    for stale in output.parent.glob(f".{output.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _text_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
