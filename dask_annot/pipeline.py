@@ -176,6 +176,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     log(f"model {mdl.name} v{mdl.version}: {al.n_shared}/{al.n_reference_genes} genes shared (by {al.matched_by}); "
         f"k={k_used} ({k_rule}); {method} search")
     proj = project.projection_matrix(mdl.loadings, al.query_index >= 0)
+    _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
 
     umi_all = st.umi_count
     with make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
@@ -269,6 +270,34 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     outputs.write_run_record(mdir / "run.json", record)
     log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
     return RunResult(model_dir=mdir, record=record)
+
+
+def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, method: str) -> int:
+    """A generous estimate of one annotation task's peak memory.
+
+    Dense z-scores (float64 and the float32 copy), the neighbour records, and for
+    exact search one block of distances to every reference cell.
+    """
+    per_cell = n_genes * (8 + 8 + 4) + k * (8 + 8 + 16)
+    exact = 256 * n_ref * 8 * 3 if method == "exact" else 0
+    return int(chunk_cells * per_cell + exact + 64 * 2**20)
+
+
+def _check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_ref: int, method: str) -> None:
+    """Refuse a chunk size whose tasks cannot fit in memory, before the machine starts swapping."""
+    import psutil
+
+    workers = settings.n_workers or (os.cpu_count() or 1)
+    chunk = min(settings.chunk_cells, n_cells)
+    need = chunk_memory_bytes(chunk, n_genes=n_genes, k=k, n_ref=n_ref, method=method)
+    have = psutil.virtual_memory().available
+    if settings.scheduler in ("threads", "processes", "local") and need * workers > 0.8 * have:
+        per_cell = max(1, (need - 64 * 2**20) // max(1, chunk))
+        fit = max(100, int(0.8 * have / workers - 64 * 2**20) // per_cell)
+        raise ConfigError(
+            f"--chunk-cells {settings.chunk_cells} needs about {need / 2**30:.1f} GiB per task x {workers} workers, "
+            f"but {have / 2**30:.1f} GiB is available; use --chunk-cells {fit} or fewer, or fewer --n-workers"
+        )
 
 
 def _checkpoint_dir(work: Path, fp: dict, mdl: Model, k_used: int, method: str, balanced: bool, settings: Settings, bounds) -> Path:

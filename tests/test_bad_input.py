@@ -255,3 +255,15 @@ def test_disk_full(tmp_path):
         assert not list(mnt.glob("**/*.zarr")), "a half-written store was left looking complete"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_chunk_too_large_for_memory_fails_clearly():
+    """1.2M cells in one chunk against a 2,000-gene reference cannot fit in this machine's memory."""
+    from dask_annot import config
+    from dask_annot.errors import ConfigError
+    from dask_annot.pipeline import _check_memory
+
+    s = config.resolve(chunk_cells=1_200_000, n_workers=2)
+    with pytest.raises(ConfigError, match=r"GiB per task x 2 workers.*use --chunk-cells \d+ or fewer"):
+        _check_memory(s, n_cells=1_200_000, n_genes=2000, k=500, n_ref=100_000, method="ann")
+    _check_memory(config.resolve(n_workers=2), n_cells=1_200_000, n_genes=2000, k=500, n_ref=100_000, method="ann")
