@@ -416,7 +416,7 @@ def run_dask_annot(ref_key: str, inputs: dict, work: Path, args) -> tuple[pd.Dat
     build = dask_annot_cmd() + [
         "build-reference", "--input", str(ds["path"]), "--label-column", ds["label"],
         "--name", ds["name"], "--output", str(ref_dir),
-        "--ontology-map", str(MAPS / f"{ds['name']}.csv"),
+        "--ontology-map", str(MAPS / f"{ds['name']}.csv"), "--seed", str(args.seed),
     ]
     if ds["exclude"] is not None:
         build += ["--exclude-label", ds["exclude"]]
@@ -575,6 +575,8 @@ def main_run(args) -> int:
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
         peer_versions=peer_versions,
         dask_annot_git=_git_rev(),
+        # dask-annot runs from this working tree: list uncommitted changes to the package, if any
+        dask_annot_uncommitted=_git_dirty("dask_annot"),
         ingest_recipe=dict(
             genes="intersection of reference and query",
             normalisation="normalize_total(target_sum=1e4) + log1p on both",
@@ -634,6 +636,14 @@ def _git_rev() -> str | None:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=str(REPO)).stdout.strip() or None
     except OSError:
         return None
+
+
+def _git_dirty(path: str) -> list[str] | None:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", path], capture_output=True, text=True, cwd=str(REPO)).stdout
+    except OSError:
+        return None
+    return [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def main(argv=None) -> int:
