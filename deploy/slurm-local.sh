@@ -178,6 +178,9 @@ start() {
   if ! alive "$ctld_pidfile"; then
     rm -f "$ctld_pidfile"
     say "starting slurmctld"
+    # slurmctld refuses state saved under another ClusterName (e.g. by another
+    # single-node setup script); -c discards that state anyway.
+    rm -f /var/lib/slurm/slurmctld/clustername
     /usr/sbin/slurmctld -c   # -c: forget jobs and node states of an earlier run
   fi
   if ! alive "$slurmd_pidfile"; then
@@ -202,6 +205,8 @@ stop() {
   stop_daemon slurmd "$slurmd_pidfile"
   stop_daemon slurmctld "$ctld_pidfile"
   stop_daemon munged "$munge_pidfile"
+  # so that a SLURM configured under another ClusterName can start here next
+  rm -f /var/lib/slurm/slurmctld/clustername
 }
 
 status() {
