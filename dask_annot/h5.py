@@ -460,7 +460,7 @@ class TenxH5Writer:
         self._h5.attrs["software_version"] = "dask-annot"
         g = self._h5.create_group("matrix")
         f = g.create_group("features")
-        enc = lambda xs: np.array([str(x).encode() for x in xs])  # noqa: E731
+        enc = lambda xs: np.array([str(x).encode() for x in xs], dtype="S")  # noqa: E731
         f.create_dataset("id", data=enc(feature_ids))
         f.create_dataset("name", data=enc(feature_names))
         f.create_dataset("feature_type", data=enc(types))
@@ -493,7 +493,7 @@ class TenxH5Writer:
         g = self._h5["matrix"]
         gz = dict(compression="gzip", compression_opts=4)
         g.create_dataset("indptr", data=np.concatenate(self._indptr), **gz)
-        g.create_dataset("barcodes", data=np.array([b.encode() for b in self._barcodes]), **gz)
+        g.create_dataset("barcodes", data=np.array([b.encode() for b in self._barcodes], dtype="S"), **gz)
         g.create_dataset("shape", data=np.array([self._n_features, len(self._barcodes)], dtype=np.int32))
         self._h5.close()
 

@@ -33,8 +33,17 @@ def _log_normalize_block(block: sp.csr_matrix, umi: np.ndarray, target_sum: floa
     return out
 
 
+def _log_normalize_aligned(block: sp.csr_matrix, umi: np.ndarray, model) -> sp.csr_matrix:
+    """Sparse log1p(counts scaled to ``model.target_sum``) of one aligned block."""
+    return _log_normalize_block(block, umi, model.target_sum)
+
+
 def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
-    """Dense float32 z-scores (cells x reference genes) of one aligned block."""
+    """Dense float32 z-scores (cells x reference genes) of one aligned block.
+
+    The annotation graph never builds these (see :func:`dask_annot.project.project_counts`);
+    they define what the projection computes, and tests and the reference build use them.
+    """
     logn = _log_normalize_block(block, umi, model.target_sum).toarray()
     z = (logn - model.mean) / model.std
     np.minimum(z, model.clip, out=z)
@@ -42,24 +51,9 @@ def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
 
 
 def log_normalize(x: da.Array, umi: da.Array, *, target_sum: float = 1e4) -> da.Array:
-    """Lazy log-normalized CSR blocks (used when building a reference)."""
+    """Lazy log-normalized CSR blocks (scaled to ``target_sum``, log1p)."""
     check_cell_chunked(x, "log_normalize")
     return da.map_blocks(
         _log_normalize_block, x, umi[:, None], target_sum,
         dtype=np.float64, chunks=x.chunks, meta=sp.csr_matrix((0, 0), dtype=np.float64),
-    )
-
-
-def zscore(x: da.Array, umi: da.Array, model, *, n_genes: int) -> da.Array:
-    """Lazy dense z-scores of aligned counts against the reference's per-gene parameters.
-
-    ``model`` (a :class:`~dask_annot.reference.Model` or a ``Delayed`` of one, so it
-    is shipped to each worker once) supplies ``mean``, ``std``, ``target_sum``, ``clip``.
-    """
-    check_cell_chunked(x, "zscore")
-    if x.shape[1] != n_genes:
-        raise ConfigError(f"zscore: {x.shape[1]} genes but the reference normalizes {n_genes}")
-    return da.map_blocks(
-        _zscore_block, x, umi[:, None], model,
-        dtype=np.float32, chunks=(x.chunks[0], (n_genes,)), meta=np.empty((0, 0), np.float32),
     )

@@ -89,7 +89,8 @@ def _json_block(nbrs: np.ndarray, model, barcodes: np.ndarray) -> bytes:
     """One chunk's cells as gzip-compressed JSON objects joined by commas (a gzip member).
 
     Pure: the driver concatenates the members between ``[`` and ``]``; concatenated
-    gzip members are one valid gzip stream.
+    gzip members are one valid gzip stream. The text is assembled from pre-escaped
+    names (it is the same as ``json.dumps`` with compact separators).
     """
     n_labels, n_ds = len(model.labels), len(model.datasets)
     idx = nbrs["idx"]
@@ -98,25 +99,32 @@ def _json_block(nbrs: np.ndarray, model, barcodes: np.ndarray) -> bytes:
     code = model.label_codes[safe].astype(np.int64) * n_ds + model.dataset_codes[safe]
     flat = (np.arange(idx.shape[0])[:, None] * (n_labels * n_ds) + code)[valid]
     counts = np.bincount(flat, minlength=idx.shape[0] * n_labels * n_ds).reshape(idx.shape[0], n_labels, n_ds)
+    totals = counts.sum(axis=2)
+    label_txt = [json.dumps(x) for x in model.labels]
+    ds_txt = [json.dumps(x) for x in model.datasets]
+    # per cell: labels by count desc then label order; datasets by count desc then name
+    order_l = np.lexsort((np.broadcast_to(np.arange(n_labels), totals.shape), -totals), axis=1).tolist()
+    totals_l = totals.tolist()
+    ds_rank = np.argsort(np.argsort(np.array(model.datasets, dtype=object)))
+    single = n_ds == 1
     parts = []
-    for i in range(idx.shape[0]):
-        per_label = counts[i]
-        totals = per_label.sum(axis=1)
-        order = np.lexsort((np.arange(n_labels), -totals))
+    for i, bc in enumerate(barcodes.tolist() if isinstance(barcodes, np.ndarray) else list(barcodes)):
+        row_t = totals_l[i]
         matches = []
-        for lab in order:
-            t = int(totals[lab])
+        for lab in order_l[i]:
+            t = row_t[lab]
             if t == 0:
                 break
-            ds = [(int(per_label[lab, d]), model.datasets[d]) for d in range(n_ds) if per_label[lab, d]]
-            ds.sort(key=lambda x: (-x[0], x[1]))
-            matches.append({
-                "cell_count_in_model": t,
-                "cell_type": model.labels[lab],
-                "dataset_ids_with_counts": [{"count_per_dataset": c, "dataset_id": d} for c, d in ds],
-            })
-        parts.append(json.dumps({"barcode": str(barcodes[i]), "matches": matches}, separators=(",", ":")))
-    return gzip.compress(",".join(parts).encode(), mtime=0)
+            if single:
+                dsj = f'{{"count_per_dataset":{t},"dataset_id":{ds_txt[0]}}}'
+            else:
+                per_ds = counts[i, lab]
+                nz = np.flatnonzero(per_ds)
+                nz = nz[np.lexsort((ds_rank[nz], -per_ds[nz]))]
+                dsj = ",".join(f'{{"count_per_dataset":{int(per_ds[d])},"dataset_id":{ds_txt[d]}}}' for d in nz)
+            matches.append(f'{{"cell_count_in_model":{t},"cell_type":{label_txt[lab]},"dataset_ids_with_counts":[{dsj}]}}')
+        parts.append(f'{{"barcode":{json.dumps(str(bc))},"matches":[{",".join(matches)}]}}')
+    return gzip.compress(",".join(parts).encode(), compresslevel=4, mtime=0)
 
 
 def json_results(members: list[bytes]) -> bytes:

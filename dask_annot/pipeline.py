@@ -75,6 +75,18 @@ def _versions() -> dict:
     return out
 
 
+def embedding(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cells: int, model_d=None):
+    """Lazy reference-PCA coordinates of every cell (cells x PCs, float32): align,
+    log-normalize, then the sparse form of z-score + projection."""
+    model_d = model_d if model_d is not None else dask.delayed(mdl, pure=True, traverse=False)
+    proj = project.projection_matrix(mdl.loadings, al.query_index >= 0)
+    terms_d = dask.delayed(project.projection_terms(proj, mdl.mean, mdl.std), pure=True, traverse=False)
+    X = store.counts_array(st, chunk_cells=chunk_cells)
+    umi = store.umi_array(st, chunk_cells=chunk_cells)
+    logn = normalize.log_normalize(align.align(X, al), umi, target_sum=mdl.target_sum)
+    return project.project_counts(logn, terms_d, model_d, n_pcs=mdl.n_pcs)
+
+
 def choose_model(spec: str, st: store.StoreInfo) -> tuple[Model, align.Alignment, dict]:
     """The model named by ``spec``; ``auto`` takes the built-in model sharing most genes."""
     if spec != "auto":
@@ -175,18 +187,13 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     method = knn.choose_method(mdl.n_cells, settings.knn_method if settings.knn_method != "auto" else mdl.meta["knn"]["method"])
     log(f"model {mdl.name} v{mdl.version}: {al.n_shared}/{al.n_reference_genes} genes shared (by {al.matched_by}); "
         f"k={k_used} ({k_rule}); {method} search")
-    proj = project.projection_matrix(mdl.loadings, al.query_index >= 0)
     _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
 
     umi_all = st.umi_count
     with make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
                      memory_limit=settings.memory_limit, log=log) as client:
         model_d = dask.delayed(mdl, pure=True, traverse=False)
-        proj_d = dask.delayed(proj, pure=True, traverse=False)
-        X = store.counts_array(st, chunk_cells=settings.chunk_cells)
-        umi = store.umi_array(st, chunk_cells=settings.chunk_cells)
-        z = normalize.zscore(align.align(X, al), umi, model_d, n_genes=al.n_reference_genes)
-        emb = project.project(z, proj_d, n_pcs=mdl.n_pcs)
+        emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
         nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
         bounds = np.cumsum((0,) + nbrs.chunks[0])
         ckpt = _checkpoint_dir(root / "work", fp, mdl, k_used, method, balanced, settings, bounds)

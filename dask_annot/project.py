@@ -1,8 +1,15 @@
-"""Projection: z-scored query cells onto the reference's PCA loadings."""
+"""Projection: normalized query cells onto the reference's PCA loadings.
+
+The z-score is affine, so the projection of ``z = min((L - mean) / std, clip)``
+needs no dense z-matrix: ``z @ P = (L / std) @ P - (mean / std) @ P``, corrected
+for the entries the clip changes. Only stored (non-zero) entries can exceed the
+clip (a zero count has ``z = -mean / std <= 0``), so everything stays sparse.
+"""
 from __future__ import annotations
 
 import dask.array as da
 import numpy as np
+import scipy.sparse as sp
 
 from .normalize import check_cell_chunked
 
@@ -39,4 +46,35 @@ def project(z: da.Array, proj, *, n_pcs: int) -> da.Array:
     return da.map_blocks(
         _project_block, z, proj, dtype=np.float32,
         chunks=(z.chunks[0], (n_pcs,)), meta=np.empty((0, 0), np.float32),
+    )
+
+
+def projection_terms(proj: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``P / std`` (genes x PCs) and the constant row ``(mean / std) @ P``."""
+    proj = np.asarray(proj, dtype=np.float64)
+    return proj / std[:, None], (mean / std) @ proj
+
+
+def _project_counts_block(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray], model) -> np.ndarray:
+    """(cells x genes) sparse log-normalized values -> (cells x PCs) float32, in float64."""
+    scaled, offset = terms
+    emb = np.asarray(logn @ scaled) - offset
+    z = (logn.data - model.mean[logn.indices]) / model.std[logn.indices]
+    over = np.flatnonzero(z > model.clip)
+    if over.size:
+        rows = np.repeat(np.arange(logn.shape[0]), np.diff(logn.indptr))[over]
+        excess = (z[over] - model.clip)[:, None] * (scaled[logn.indices[over]] * model.std[logn.indices[over], None])
+        np.subtract.at(emb, rows, excess)
+    return emb.astype(np.float32)
+
+
+def project_counts(logn: da.Array, terms, model, *, n_pcs: int) -> da.Array:
+    """Lazy embedding of log-normalized sparse blocks (the sparse form of z-score + :func:`project`).
+
+    ``terms`` is :func:`projection_terms` (or a ``Delayed`` of it); ``model`` supplies mean, std, clip.
+    """
+    check_cell_chunked(logn, "project_counts")
+    return da.map_blocks(
+        _project_counts_block, logn, terms, model, dtype=np.float32,
+        chunks=(logn.chunks[0], (n_pcs,)), meta=np.empty((0, 0), np.float32),
     )

@@ -12,31 +12,67 @@ first, so the result never depends on neighbour order or chunking.
 from __future__ import annotations
 
 import dask.array as da
+import numba
 import numpy as np
 
 VOTE_DTYPE = np.dtype([("fine", np.int32), ("count", np.int32), ("prob", np.float32), ("n_neighbors", np.int32)])
 
 
-def _weights(dist: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    d = np.where(valid, dist.astype(np.float64), np.nan)
-    with np.errstate(all="ignore"):
-        sigma = np.nanmedian(d, axis=1)
-    sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, 1.0)
-    w = np.exp(-0.5 * (np.nan_to_num(d, nan=0.0) / sigma[:, None]) ** 2)
-    return np.where(valid, w, 0.0)
+@numba.njit(cache=True, nogil=True)
+def _count_kernel(idx, dist, label_codes, n_labels):  # pragma: no cover - compiled
+    n, k = idx.shape
+    counts = np.zeros((n, n_labels), dtype=np.int64)
+    wsum = np.zeros((n, n_labels), dtype=np.float64)
+    for i in range(n):
+        n_valid = 0
+        for j in range(k):
+            if idx[i, j] >= 0:
+                n_valid += 1
+        if n_valid == 0:
+            continue
+        # the kNN stage sorts neighbours by distance (missing ones last), so the median
+        # is read off; any other order is sorted first, so the order never matters
+        ordered = True
+        for j in range(1, k):
+            if not (dist[i, j - 1] <= dist[i, j]):
+                ordered = False
+                break
+        if ordered:
+            sigma = 0.5 * (np.float64(dist[i, (n_valid - 1) // 2]) + np.float64(dist[i, n_valid // 2]))
+        else:
+            valid_d = np.empty(n_valid, dtype=np.float64)
+            m = 0
+            for j in range(k):
+                if idx[i, j] >= 0:
+                    valid_d[m] = dist[i, j]
+                    m += 1
+            valid_d.sort()
+            sigma = 0.5 * (valid_d[(n_valid - 1) // 2] + valid_d[n_valid // 2])
+        if not sigma > 0:
+            sigma = 1.0
+        for j in range(k):
+            r = idx[i, j]
+            if r < 0:
+                continue
+            lab = label_codes[r]
+            counts[i, lab] += 1
+            x = np.float64(dist[i, j]) / sigma
+            wsum[i, lab] += np.exp(-0.5 * x * x)
+    return counts, wsum
 
 
 def label_counts(nbrs: np.ndarray, label_codes: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per cell and label: neighbour count (int64) and weight sum (float64)."""
-    idx = nbrs["idx"]
-    valid = idx >= 0
-    n = idx.shape[0]
-    labels = np.where(valid, label_codes[np.where(valid, idx, 0)], 0)
-    flat = (np.arange(n)[:, None] * n_labels + labels)[valid]
-    counts = np.bincount(flat, minlength=n * n_labels).reshape(n, n_labels)
-    w = _weights(nbrs["dist"], valid)
-    wsum = np.bincount(flat, weights=w[valid], minlength=n * n_labels).reshape(n, n_labels)
-    return counts, wsum.astype(np.float64)  # bincount of nothing is int64
+    """Per cell and label: neighbour count (int64) and Gaussian weight sum (float64).
+
+    Each neighbour weighs ``exp(-d^2 / (2 sigma^2))``, ``sigma`` the cell's median
+    neighbour distance; missing neighbours (index -1) count for nothing.
+    """
+    idx = np.ascontiguousarray(nbrs["idx"])
+    dist = np.ascontiguousarray(nbrs["dist"])
+    if idx.ndim != 2 or idx.shape[0] == 0:
+        n = idx.shape[0]
+        return np.zeros((n, n_labels), np.int64), np.zeros((n, n_labels), np.float64)
+    return _count_kernel(idx, dist, np.ascontiguousarray(label_codes, dtype=np.int32), n_labels)
 
 
 def _vote_block(nbrs: np.ndarray, model, balanced: bool) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from conftest import shared_path
+from .conftest import shared_path
 from dask import delayed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
