@@ -26,11 +26,31 @@ def example_path() -> Path:
     return Path(str(resources.files("dask_annot").joinpath(EXAMPLE)))
 
 
+JOB_FLAGS = {"cores": "cores", "memory": "memory", "walltime": "walltime", "queue": "queue", "account": "account", "log_dir": "log_directory"}
+
+
+def _cluster_settings(a: argparse.Namespace) -> dict:
+    """Settings flags shared by every command that runs on a cluster."""
+    job = {JOB_FLAGS[k]: getattr(a, k) for k in JOB_FLAGS if getattr(a, k) is not None}
+    return dict(scheduler=a.scheduler, n_workers=a.n_workers, cluster_config=a.cluster_config,
+                worker_timeout=a.worker_timeout, job_options=job or None)
+
+
+def _print_job_script(settings) -> int:
+    from .cluster import job_script
+
+    print(job_script(settings.scheduler, cluster_config=settings.cluster_config, memory_limit=settings.memory_limit,
+                     **settings.job_options))
+    return 0
+
+
 def _cmd_annotate(a: argparse.Namespace) -> int:
     from . import config, pipeline
 
     settings = config.resolve(k=a.k, chunk_cells=a.chunk_cells, knn_method=a.knn_method, layout=a.layout,
-                              scheduler=a.scheduler, n_workers=a.n_workers, force=a.force or None)
+                              force=a.force or None, **_cluster_settings(a))
+    if a.print_job_script:
+        return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
     res = pipeline.annotate(a.id, matrix, model=a.cell_annotation_model, output_dir=a.output_dir, settings=settings,
                             log=_log, progress=sys.stderr.isatty() and not a.quiet)
@@ -62,7 +82,9 @@ def _cmd_convert(a: argparse.Namespace) -> int:
 def _cmd_de(a: argparse.Namespace) -> int:
     from . import config, pipeline
 
-    settings = config.resolve(scheduler=a.scheduler, n_workers=a.n_workers)
+    settings = config.resolve(**_cluster_settings(a))
+    if a.print_job_script:
+        return _print_job_script(settings)
     print(pipeline.run_de(a.matrix, a.groups, a.output, settings=settings, log=_log))
     return 0
 
@@ -89,6 +111,22 @@ def _cmd_example_path(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where to run (see deploy/README.md)")
+    g.add_argument("--scheduler", default=None,
+                   help="threads | processes | local | slurm | pbs | sge | lsf | tcp://HOST:PORT (default threads)")
+    g.add_argument("--n-workers", type=int, default=None, help="workers, or batch jobs for slurm/pbs/sge/lsf (default: cores; 1 job)")
+    g.add_argument("--cluster-config", default=None, help="YAML with jobqueue settings for slurm/pbs/sge/lsf (examples in deploy/)")
+    g.add_argument("--print-job-script", action="store_true", help="print the batch script a worker job would use, then exit")
+    g.add_argument("--worker-timeout", type=float, default=None, help="seconds to wait for the first batch-job worker (default 600)")
+    g.add_argument("--cores", type=int, default=None, help="cores per batch job")
+    g.add_argument("--memory", default=None, help="memory per batch job, e.g. 16GiB")
+    g.add_argument("--walltime", default=None, help="walltime per batch job, e.g. 02:00:00")
+    g.add_argument("--queue", default=None, help="queue / partition for batch jobs")
+    g.add_argument("--account", default=None, help="account / project to charge batch jobs to")
+    g.add_argument("--log-dir", default=None, help="where batch jobs write their logs (default ~/.dask-annot/logs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dask-annot",
@@ -104,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, or 'example'")
     an.add_argument("--cell-annotation-model", default="auto", help="auto, a built-in model name, or a reference directory (default auto)")
     an.add_argument("--output-dir", default=".", help="where the ID directory is created (default: current directory)")
-    an.add_argument("--scheduler", default=None, help="threads | processes | local | tcp://HOST:PORT (default threads)")
-    an.add_argument("--n-workers", type=int, default=None, help="workers (default: number of cores)")
+    _add_cluster_flags(an)
     an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
     an.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask chunk (default 10000; labels do not depend on it)")
     an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"], help="neighbour search (default: the model's)")
@@ -144,8 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--matrix", required=True)
     de.add_argument("--groups", required=True, help="CSV barcode,group")
     de.add_argument("--output", required=True)
-    de.add_argument("--scheduler", default=None)
-    de.add_argument("--n-workers", type=int, default=None)
+    _add_cluster_flags(de)
     de.set_defaults(func=_cmd_de)
 
     mo = sub.add_parser("models", help="list built-in (and given) reference models", epilog="example: dask-annot models ./my_ref")

@@ -7,7 +7,7 @@ global config after that.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -44,6 +44,9 @@ class Settings:
     min_cells: int = 100
     max_cells: int = 1_200_000
     force: bool = False
+    cluster_config: str | None = None
+    worker_timeout: float | None = None
+    job_options: dict = field(default_factory=dict)
 
 
 def resolve(**flags: Any) -> Settings:
@@ -55,8 +58,8 @@ def resolve(**flags: Any) -> Settings:
         if flag is not None:
             values[f.name] = flag
             continue
-        if f.name == "force":
-            values[f.name] = False
+        if f.name in ("force", "job_options"):
+            values[f.name] = False if f.name == "force" else {}
             continue
         values[f.name] = dask.config.get(f"annot.{f.name.replace('_', '-')}", default=f.default)
     s = Settings(**values)

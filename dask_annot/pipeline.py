@@ -155,10 +155,14 @@ def _check_cells(n: int, path: str, settings: Settings, log) -> None:
 
 
 def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir: str | Path = ".",
-             settings: Settings, log=print, progress: bool = False) -> RunResult:
-    """Annotate one matrix with one model and write the outputs; returns where they are."""
+             settings: Settings, log=print, progress: bool = False, client=None) -> RunResult:
+    """Annotate one matrix with one model and write the outputs; returns where they are.
+
+    ``client``: an existing ``distributed.Client`` to run on (used as is, not closed).
+    """
     try:
-        return _annotate(run_id, matrix, model=model, output_dir=output_dir, settings=settings, log=log, progress=progress)
+        return _annotate(run_id, matrix, model=model, output_dir=output_dir, settings=settings, log=log,
+                         progress=progress, client=client)
     except OSError as exc:
         if isinstance(exc, DaskAnnotError) or exc.errno not in _WRITE_ERRNOS:
             raise
@@ -171,9 +175,7 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EAC
 
 
 def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | Path,
-              settings: Settings, log, progress: bool) -> RunResult:
-    from .cluster import make_client
-
+              settings: Settings, log, progress: bool, client) -> RunResult:
     timer = Timer()
     if not run_id or "/" in run_id or run_id in (".", ".."):
         raise ConfigError(f"--id '{run_id}' must be a plain name (letters, digits, - and _)")
@@ -190,8 +192,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
 
     umi_all = st.umi_count
-    with make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
-                     memory_limit=settings.memory_limit, log=log) as client:
+    with _client(settings, log, shared_paths=[st.path, mdl.path], client=client) as client:
         model_d = dask.delayed(mdl, pure=True, traverse=False)
         emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
         nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
@@ -307,6 +308,15 @@ def _check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_r
         )
 
 
+def _client(settings: Settings, log, *, shared_paths=(), client=None):
+    """The Dask client for a run (see :func:`dask_annot.cluster.make_client`)."""
+    from .cluster import make_client
+
+    return make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+                       memory_limit=settings.memory_limit, log=log, client=client, cluster_config=settings.cluster_config,
+                       shared_paths=shared_paths, worker_timeout=settings.worker_timeout, **settings.job_options)
+
+
 def _checkpoint_dir(work: Path, fp: dict, mdl: Model, k_used: int, method: str, balanced: bool, settings: Settings, bounds) -> Path:
     """Per-chunk results live under a key of everything that determines them."""
     import hashlib
@@ -372,7 +382,6 @@ def run_de(matrix: str | Path, groups_csv: str | Path, output: str | Path, *, se
     import pandas as pd
 
     from . import de
-    from .cluster import make_client
     from .errors import InputFormatError, InputNotFoundError
 
     timer = Timer()
@@ -401,8 +410,7 @@ def run_de(matrix: str | Path, groups_csv: str | Path, output: str | Path, *, se
         raise InputFormatError(f"{groups_csv}: only one group ({groups[0]}); differential expression needs at least two")
     code_of = {g: i for i, g in enumerate(groups)}
     codes = np.array([code_of[g] for g in labels], dtype=np.int32)
-    with make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
-                     memory_limit=settings.memory_limit, log=log):
+    with _client(settings, log, shared_paths=[st.path]):
         X = store.counts_array(st, chunk_cells=DE_CHUNK_CELLS)
         graph = de.build_de(X, da.from_array(codes, chunks=(X.chunks[0],)), group_names=groups,
                             feature_ids=np.asarray(st.feature_ids, dtype=object), feature_names=np.asarray(st.feature_names, dtype=object))

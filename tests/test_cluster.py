@@ -220,3 +220,21 @@ def test_cluster_errors_are_also_runtime_errors():
 
 def test_the_deploy_readme_states_the_shared_filesystem_requirement():
     assert "shared filesystem" in (DEPLOY / "README.md").read_text().lower()
+
+
+def test_cli_prints_the_job_script_and_runs_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "dask_annot", "annotate", "--id", "x", "--matrix", "example",
+                        "--output-dir", str(tmp_path), "--scheduler", "slurm", "--print-job-script", "--walltime", "02:00:00",
+                        "--cores", "4", "--memory", "8GiB"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH -t 02:00:00" in r.stdout and "--cpus-per-task=4" in r.stdout
+    assert not any(tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "dask_annot", "de", "--matrix", "example", "--groups", "g.csv", "--output", "o.csv",
+                        "--scheduler", "pbs", "--cluster-config", str(repo / "deploy" / "pbs.yaml"), "--print-job-script"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "#PBS" in r.stdout
