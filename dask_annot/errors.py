@@ -78,7 +78,19 @@ class ClusterError(DaskAnnotError, RuntimeError):
     exit_code = 12
 
 
+def check_format(found: dict, *, format: str, version: int, where: str, remedy: str, error: type[DaskAnnotError]) -> None:
+    """Check the format name and version every artifact dask-annot writes carries."""
+    if found.get("format") != format:
+        raise error(f"{where}: format '{found.get('format')}', expected '{format}'; {remedy}")
+    if found.get("format_version") != version:
+        raise error(
+            f"{where}: {format.removeprefix('dask-annot-')} format version {found.get('format_version')}, "
+            f"this dask-annot reads version {version}; {remedy}"
+        )
+
+
 __all__ = [
+    "check_format",
     "DaskAnnotError",
     "InputNotFoundError",
     "InputFormatError",

@@ -15,7 +15,6 @@ each worker once.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import ConfigError, InputFormatError, ReferenceArtifactError
+from .errors import ConfigError, InputFormatError, ReferenceArtifactError, check_format
 from .ontology import CL_RELEASE, Levels, levels_for, read_ontology_map
 
 FORMAT = "dask-annot-reference"
@@ -164,11 +163,9 @@ def build_ann_index(embedding: np.ndarray, *, seed: int, n_neighbors: int = 30):
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+    from .store import file_fingerprint
+
+    return file_fingerprint(path)["sha256"]
 
 
 def builtin_models() -> dict[str, Path]:
@@ -195,13 +192,8 @@ def load_reference(path: str | os.PathLike) -> Model:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as exc:
         raise ReferenceArtifactError(f"{meta_path}: cannot be read as JSON ({exc}); rebuild the reference") from exc
-    if meta.get("format") != FORMAT:
-        raise ReferenceArtifactError(f"{p}: format '{meta.get('format')}', expected '{FORMAT}'; rebuild the reference")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ReferenceArtifactError(
-            f"{p}: reference format version {meta.get('format_version')}, this dask-annot reads version {FORMAT_VERSION}; "
-            "rebuild it with `dask-annot build-reference`"
-        )
+    check_format(meta, format=FORMAT, version=FORMAT_VERSION, where=str(p),
+                 remedy="rebuild it with `dask-annot build-reference`", error=ReferenceArtifactError)
     for name, digest in meta.get("checksums", {}).items():
         f = p / name
         if not f.is_file() or _sha256(f) != digest:
@@ -459,7 +451,9 @@ def build_reference(
 
 
 def _file_digest(p: Path) -> dict:
-    return {"sha256": _sha256(p), "size": p.stat().st_size}
+    from .store import file_fingerprint
+
+    return file_fingerprint(p)
 
 
 def _guess_species(ids: np.ndarray, names: np.ndarray) -> str:

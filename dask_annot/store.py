@@ -30,7 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from . import h5
-from .errors import OutputError, StoreError
+from .errors import OutputError, StoreError, check_format
 
 FORMAT = "dask-annot-store"
 FORMAT_VERSION = 1
@@ -201,13 +201,8 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
         attrs = dict(root.attrs)
     except Exception as exc:  # zarr raises several types for damaged metadata
         raise StoreError(f"{p}: the store's metadata cannot be read ({exc}); delete the store and convert again") from exc
-    if attrs.get("format") != FORMAT:
-        raise StoreError(f"{p}: format '{attrs.get('format')}', expected '{FORMAT}'; delete it and convert again")
-    if attrs.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{p}: store format version {attrs.get('format_version')}, this dask-annot reads version {FORMAT_VERSION}; "
-            "delete the store and convert again"
-        )
+    check_format(attrs, format=FORMAT, version=FORMAT_VERSION, where=str(p),
+                 remedy="delete the store and convert again", error=StoreError)
     try:
         n_cells, n_features, nnz = int(attrs["n_cells"]), int(attrs["n_features"]), int(attrs["nnz"])
         barcodes = np.asarray(root["obs/barcode"][:], dtype=object)
