@@ -114,7 +114,7 @@ def _cmd_example_path(a: argparse.Namespace) -> int:
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where to run (see deploy/README.md)")
     g.add_argument("--scheduler", default=None,
-                   help="threads | processes | local | slurm | pbs | sge | lsf | tcp://HOST:PORT (default threads)")
+                   help="auto | threads | processes | local | slurm | pbs | sge | lsf | tcp://HOST:PORT (default auto: threads, or local processes for ANN models)")
     g.add_argument("--n-workers", type=int, default=None, help="workers, or batch jobs for slurm/pbs/sge/lsf (default: cores; 1 job)")
     g.add_argument("--cluster-config", default=None, help="YAML with jobqueue settings for slurm/pbs/sge/lsf (examples in deploy/)")
     g.add_argument("--print-job-script", action="store_true", help="print the batch script a worker job would use, then exit")

@@ -37,7 +37,7 @@ class Settings:
     knn_method: str = "auto"
     ann_epsilon: float = 0.2
     layout: str = "cloud"
-    scheduler: str = "threads"
+    scheduler: str = "auto"
     n_workers: int | None = None
     threads_per_worker: int = 1
     memory_limit: str = "auto"
