@@ -218,9 +218,10 @@ def pipeline_writes_summary() -> bool:
     return "write_web_summary" in (ROOT / "dask_annot" / "pipeline.py").read_text()
 
 
-def run_page(page: Page, fresh_install, tmp: Path) -> PageRun:
+def run_page(page: Page, fresh_install, tmp: Path, *, only_needing: str | None = None) -> PageRun:
     checkout, venv = fresh_install
     workdir = tmp / "work"
+    tmp.mkdir(parents=True, exist_ok=True)
     shutil.copytree(checkout, workdir, symlinks=True)
     for name, rel in page.files.items():
         src = (ROOT / rel).resolve()
@@ -228,10 +229,12 @@ def run_page(page: Page, fresh_install, tmp: Path) -> PageRun:
             pytest.fail(f"{page.path.name} declares {name} from {rel}, which does not exist")
         (workdir / name).symlink_to(src)
     state = tmp / "doctest"
-    state.mkdir()
+    state.mkdir(parents=True)
     script = ["set -eo pipefail", f'__doc_step() {{ printf "%s" "$1" > "{state}/current"; }}']
     ran, skipped = [], []
     for n, step in enumerate(page.steps):
+        if only_needing is not None and only_needing not in step.needs:
+            continue
         missing = [need for need in step.needs if not _available(need)]
         if missing:
             skipped.append((step, f"needs {', '.join(missing)}"))
@@ -353,6 +356,31 @@ def test_quickstart_summary_opens_in_a_browser(page_runs, tmp_path):
     finally:
         browser.close()
     keep_screenshot(shot, "quickstart_web_summary.png")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_commands_of_the_docs_run_on_a_real_slurm(fresh_install, tmp_path):
+    """The `# needs: slurm` commands, on SLURM started by deploy/slurm-local.sh (stopped again if started here)."""
+    if os.geteuid() != 0:
+        pytest.skip("starting SLURM (slurmctld, slurmd, munged from Debian packages) needs root")
+    with_slurm = [p for p in pages() if any("slurm" in s.needs for s in parse(p).steps)]
+    assert with_slurm, "no page has a `# needs: slurm` command"
+    was_up = _available("slurm")
+    script = ROOT / "deploy" / "slurm-local.sh"
+    if not was_up:
+        done = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.fail(f"deploy/slurm-local.sh start failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    try:
+        for path in with_slurm:
+            run = run_page(parse(path), fresh_install, tmp_path / path.stem, only_needing="slurm")
+            assert run.ran and not run.skipped, [why for _, why in run.skipped]
+            if run.failed is not None:
+                pytest.fail(_describe_failure(run))
+    finally:
+        if not was_up:
+            subprocess.run(["bash", str(script), "stop"], capture_output=True, text=True, timeout=120)
 
 
 def test_conventions_every_shell_block_has_commands():
