@@ -106,6 +106,13 @@ def _cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summary(a: argparse.Namespace) -> int:
+    from . import summary
+
+    print(summary.rebuild(a.model_dir))
+    return 0
+
+
 def _cmd_example_path(a: argparse.Namespace) -> int:
     print(example_path())
     return 0
@@ -145,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(an)
     an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
     an.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask chunk (default 10000; labels do not depend on it)")
-    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"], help="neighbour search (default: the model's)")
+    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "flat", "ann"],
+                    help="neighbour search: exact (NumPy), flat (faiss, exact), ann (pynndescent); default auto, by reference size")
     an.add_argument("--layout", default=None, choices=["cloud", "hierarchical"], help="cell_types.csv columns (default cloud)")
     an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -167,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--n-hvg", type=int, default=1000, help="highly variable genes (default 1000)")
     br.add_argument("--n-pcs", type=int, default=30, help="principal components (default 30)")
     br.add_argument("--seed", type=int, default=0, help="seed for the ANN index")
-    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann"], help="search the model uses (default: exact up to 50,000 cells)")
+    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "flat", "ann"],
+                    help="search the model is built for; ann stores a pynndescent index (default: by size, ann above 400,000 cells)")
     br.set_defaults(func=_cmd_build_reference)
 
     cv = sub.add_parser("convert", help="convert a matrix into a reusable zarr store",
@@ -188,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("paths", nargs="*", help="reference directories to list too")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(func=_cmd_models)
+
+    su = sub.add_parser("summary", help="rebuild web_summary.html of a finished run",
+                        epilog="example: dask-annot summary demo_out/demo/outs/segmented_outs/cell_types/human_pbmc_v1")
+    su.add_argument("model_dir", help="the model's output directory (holding cell_types.csv and run.json)")
+    su.set_defaults(func=_cmd_summary)
 
     ex = sub.add_parser("example-path", help="print the path of the bundled example matrix")
     ex.set_defaults(func=_cmd_example_path)

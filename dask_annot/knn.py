@@ -19,8 +19,9 @@ import numpy as np
 
 from .normalize import check_cell_chunked
 
-Method = Literal["exact", "ann"]
+Method = Literal["exact", "flat", "ann"]
 EXACT_MAX_REFERENCE_CELLS = 50_000
+FLAT_MAX_REFERENCE_CELLS = 400_000
 ANN_BATCH_CELLS = 2048
 _EXACT_ROWS = 256
 
@@ -30,10 +31,20 @@ def neighbor_dtype(k: int) -> np.dtype:
 
 
 def choose_method(n_reference_cells: int, requested: str = "auto") -> Method:
-    """``exact`` up to :data:`EXACT_MAX_REFERENCE_CELLS` reference cells, else ``ann``."""
-    if requested in ("exact", "ann"):
+    """The search for a reference size.
+
+    ``exact`` (NumPy, float64) up to :data:`EXACT_MAX_REFERENCE_CELLS` reference
+    cells; ``flat`` (faiss' brute-force index: exact in float32, blocked BLAS and a
+    k-heap per query, releases the GIL) up to :data:`FLAT_MAX_REFERENCE_CELLS`;
+    ``ann`` (pynndescent) above. Measured against a 100,000-cell reference at
+    k=500 on a loaded 2-core machine: faiss flat 1,404 queries/s per thread,
+    pynndescent 236 (and pynndescent's search holds the GIL).
+    """
+    if requested in ("exact", "flat", "ann"):
         return requested  # type: ignore[return-value]
-    return "exact" if n_reference_cells <= EXACT_MAX_REFERENCE_CELLS else "ann"
+    if n_reference_cells <= EXACT_MAX_REFERENCE_CELLS:
+        return "exact"
+    return "flat" if n_reference_cells <= FLAT_MAX_REFERENCE_CELLS else "ann"
 
 
 def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
@@ -79,11 +90,33 @@ def _ann_block(q: np.ndarray, model, k: int, epsilon: float) -> np.ndarray:
     return out
 
 
+def _flat_block(q: np.ndarray, model, k: int) -> np.ndarray:
+    from .reference import unit_rows
+
+    index = model.flat_index()
+    dist2, idx = index.search(np.ascontiguousarray(unit_rows(q), dtype=np.float32), k)
+    idx = idx.astype(np.int64)
+    dist = np.sqrt(np.maximum(dist2.astype(np.float64), 0.0))
+    bad = idx < 0
+    dist[bad] = np.inf
+    idx[bad] = np.iinfo(np.int32).max
+    order = np.lexsort((idx, dist), axis=1)
+    idx = np.take_along_axis(idx, order, axis=1)
+    dist = np.take_along_axis(dist, order, axis=1)
+    idx[~np.isfinite(dist)] = -1
+    out = np.empty(q.shape[0], dtype=neighbor_dtype(k))
+    out["idx"] = idx
+    out["dist"] = dist.astype(np.float32)
+    return out
+
+
 def _neighbors_block(q: np.ndarray, model, k: int, method: str, epsilon: float) -> np.ndarray:
     if q.shape[0] == 0:
         return np.empty(0, dtype=neighbor_dtype(k))
     if method == "exact":
         return _exact_block(q, model, k)
+    if method == "flat":
+        return _flat_block(q, model, k)
     return _ann_block(q, model, k, epsilon)
 
 
@@ -94,10 +127,11 @@ def neighbors(emb: da.Array, model, *, k: int, method: Method, epsilon: float = 
     cell's approximate neighbours depend on its place in the batch. The ANN
     search therefore runs on fixed batches of :data:`ANN_BATCH_CELLS` cells at
     fixed positions of the matrix, whatever ``--chunk-cells`` or the number of
-    workers; exact search is row-wise and keeps the given chunks.
+    workers; faiss' flat search too (it takes a BLAS or a SIMD path by batch
+    size). NumPy exact search is row-wise and keeps the given chunks.
     """
     check_cell_chunked(emb, "neighbors")
-    if method == "ann":
+    if method in ("ann", "flat"):  # faiss' float32 kernels differ by batch size too (BLAS vs SIMD path)
         from .store import cell_chunks
 
         emb = emb.rechunk({0: cell_chunks(emb.shape[0], ANN_BATCH_CELLS), 1: -1})

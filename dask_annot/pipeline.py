@@ -53,6 +53,7 @@ class Timer:
 class RunResult:
     model_dir: Path
     record: dict
+    embedding2d: np.ndarray | None = None  # first two reference PCs per cell, matrix order
 
 
 def _versions() -> dict:
@@ -186,33 +187,35 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
-    method = knn.choose_method(mdl.n_cells, settings.knn_method if settings.knn_method != "auto" else mdl.meta["knn"]["method"])
+    method = knn.choose_method(mdl.n_cells, settings.knn_method)
     log(f"model {mdl.name} v{mdl.version}: {al.n_shared}/{al.n_reference_genes} genes shared (by {al.matched_by}); "
         f"k={k_used} ({k_rule}); {method} search")
     settings = _resolve_scheduler(settings, method, log, n_cells=st.n_cells)
     _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
 
     umi_all = st.umi_count
-    with _client(settings, log, shared_paths=[st.path, mdl.path], client=client) as client:
+    with _client(settings, log, shared_paths=[st.path, mdl.path], client=client) as active:
         model_d = dask.delayed(mdl, pure=True, traverse=False)
         emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
         nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
         bounds = np.cumsum((0,) + nbrs.chunks[0])
+        emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
         ckpt = _checkpoint_dir(root / "work", fp, mdl, k_used, method, balanced, settings, bounds)
         done = _finished_chunks(ckpt, bounds)
         parts = []
-        for i, blk in enumerate(nbrs.to_delayed().ravel()):
+        for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
             path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
             if i in done:
                 parts.append(dask.delayed(_load_chunk, pure=True)(path))
             else:
-                parts.append(dask.delayed(_finish_chunk, pure=True)(blk, model_d, balanced, st.barcodes[bounds[i]:bounds[i + 1]], path))
+                parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, balanced, st.barcodes[bounds[i]:bounds[i + 1]], path))
         if done:
             log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
-        with timer.stage("annotate"), _progress(progress, client):
+        with timer.stage("annotate"), _progress(progress, active):
             (parts,) = dask.compute(parts)
         votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
         members = [p[1] for p in parts]
+        embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
         fine, coarse_unf, coarse, broad = outputs.coarse_labels(votes_np["fine"], umi_all, mdl)
         groups = sorted(set(coarse.tolist()))
         de_df = None
@@ -227,7 +230,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
             codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
             graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
                                 feature_names=np.asarray(st.feature_names, dtype=object))
-            with timer.stage("de"), _progress(progress, client):
+            with timer.stage("de"), _progress(progress, active):
                 (de_df,) = dask.compute(graph)
 
     with timer.stage("write"):
@@ -265,7 +268,8 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_shared < al.n_reference_genes else "none missing",
             "knn_method": method, "ann_epsilon": settings.ann_epsilon if method == "ann" else None,
             "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
-            "scheduler": settings.scheduler, "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
+            "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
+            "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
         },
         "differential_expression": (
             {"written": True, "groups": groups} if de_df is not None
@@ -275,10 +279,17 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
         "outputs": sorted(p.name for p in mdir.iterdir() if not p.name.startswith(".") and p.name != "run.json"),
         "versions": _versions(),
     }
+    from . import summary
+
+    record["outputs"] = sorted(set(record["outputs"]) | {"web_summary.html"})
+    with timer.stage("summary"):
+        record["timings_s"] = {**timer.stages, "total": timer.total}
+        summary.write_web_summary(mdir / "web_summary.html", record=record, cell_types=summary.read_cell_types(mdir / "cell_types.csv"),
+                                  embedding2d=embedding2d, de=de_df)
     record["timings_s"] = {**timer.stages, "total": timer.total}
     outputs.write_run_record(mdir / "run.json", record)
     log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
-    return RunResult(model_dir=mdir, record=record)
+    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d)
 
 
 def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, method: str) -> int:
@@ -356,22 +367,24 @@ def _finished_chunks(ckpt: Path, bounds) -> set[int]:
     return done
 
 
-def _finish_chunk(nbrs: np.ndarray, model: Model, balanced: bool, barcodes: np.ndarray, path: str) -> tuple[np.ndarray, bytes]:
-    """Vote and JSON of one chunk, saved under ``path`` (atomically) so a rerun can reuse them."""
+def _finish_chunk(nbrs: np.ndarray, emb2: np.ndarray, model: Model, balanced: bool, barcodes: np.ndarray,
+                  path: str) -> tuple[np.ndarray, bytes, np.ndarray]:
+    """Vote, JSON and first two PCs of one chunk, saved under ``path`` (atomically) so a rerun can reuse them."""
     votes = vote._vote_block(nbrs, model, balanced)
     member = outputs._json_block(nbrs, model, barcodes)
+    emb2 = np.asarray(emb2, dtype=np.float32)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as fh:
-        np.savez(fh, votes=votes, member=np.frombuffer(member, dtype=np.uint8))
+        np.savez(fh, votes=votes, member=np.frombuffer(member, dtype=np.uint8), emb2=emb2)
     os.replace(tmp, p)
-    return votes, member
+    return votes, member, emb2
 
 
-def _load_chunk(path: str) -> tuple[np.ndarray, bytes]:
+def _load_chunk(path: str) -> tuple[np.ndarray, bytes, np.ndarray]:
     with np.load(path) as z:
-        return z["votes"], z["member"].tobytes()
+        return z["votes"], z["member"].tobytes(), z["emb2"]
 
 
 class _progress:

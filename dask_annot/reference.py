@@ -94,8 +94,12 @@ class Model:
         """The pynndescent index, unpickled once per process (rebuilt if it cannot be)."""
         return _ann_index(self)
 
+    def flat_index(self):
+        """faiss' brute-force index over the unit-length embedding, built once per process."""
+        return _flat_index(self)
+
     def __getstate__(self):
-        state = self.__dict__.copy()
+        state = self.__dict__.copy()  # caches (and indexes) are rebuilt where the model lands
         for key in ("loadings64", "embedding64", "embedding_unit", "embedding_sq"):
             state.pop(key, None)
         return state
@@ -126,6 +130,28 @@ def _ann_index(model: Model):
     index = pickle.loads(blob)
     with _INDEX_LOCK:
         _INDEX_CACHE[key] = index
+    return index
+
+
+_FLAT_CACHE: dict[tuple[str, str], object] = {}
+
+
+def _flat_index(model: Model):
+    """A faiss IndexFlatL2; searches are read-only and release the GIL, so threads share it.
+
+    faiss runs single-threaded inside each search: Dask parallelises over chunks.
+    """
+    import faiss
+
+    key = (model.path, model.meta.get("checksums", {}).get("arrays.npz", ""))
+    with _INDEX_LOCK:
+        index = _FLAT_CACHE.get(key)
+        if index is None:
+            faiss.omp_set_num_threads(1)
+            data = np.ascontiguousarray(model.embedding_unit, dtype=np.float32)
+            index = faiss.IndexFlatL2(data.shape[1])
+            index.add(data)
+            _FLAT_CACHE[key] = index
     return index
 
 

@@ -43,3 +43,24 @@ def test_ann_neighbours_do_not_depend_on_chunking_or_threads():
             runs.append(knn.neighbors(da.from_array(q, chunks=(chunk, -1)), m, k=500, method="ann").compute())
     for r in runs[1:]:
         np.testing.assert_array_equal(r["idx"], runs[0]["idx"])
+
+
+def test_faiss_flat_is_exact_search_and_chunk_independent():
+    """The flat (faiss) search agrees with NumPy's float64 exact search, whatever the chunking."""
+    import dask
+    import dask.array as da
+
+    m = reference.resolve_model("human_pbmc_v1")
+    rng = np.random.default_rng(2)
+    q = m.embedding[rng.integers(0, m.n_cells, 3000)] + rng.normal(size=(3000, m.n_pcs)).astype(np.float32) * 0.5
+    runs = []
+    for chunk, scheduler in [(3000, "sync"), (500, "threads"), (2999, "threads")]:
+        with dask.config.set(scheduler=scheduler, num_workers=2):
+            runs.append(knn.neighbors(da.from_array(q, chunks=(chunk, -1)), m, k=200, method="flat").compute())
+    for r in runs[1:]:
+        np.testing.assert_array_equal(r["idx"], runs[0]["idx"])
+        np.testing.assert_array_equal(r["dist"], runs[0]["dist"])
+    exact = knn._exact_block(q, m, 200)
+    assert np.mean(runs[0]["idx"] == exact["idx"]) > 0.999  # float32 vs float64 near-ties only
+    np.testing.assert_allclose(runs[0]["dist"], exact["dist"], atol=2e-3)
+    assert knn.choose_method(100_000) == "flat" and knn.choose_method(3500) == "exact" and knn.choose_method(1_000_000) == "ann"
