@@ -13,7 +13,6 @@ written to a temporary ``.h5ad`` first), on the threaded scheduler or on the
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import os
 import sys
@@ -92,22 +91,14 @@ def annotate(
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_id = run_id or "dask_annot"
-    kwargs: dict[str, Any] = {}
-    scheduler = None
-    if client is not None:
-        if "client" in inspect.signature(pipeline.annotate).parameters:
-            kwargs["client"] = client
-        else:  # the pipeline connects to the same scheduler with a client of its own
-            scheduler = client.scheduler.address
-    settings = config.resolve(k=k, layout=layout, scheduler=scheduler, chunk_cells=chunk_cells, force=force or None)
+    settings = config.resolve(k=k, layout=layout, chunk_cells=chunk_cells, force=force or None)
     with tempfile.TemporaryDirectory(prefix="dask-annot-") as tmp:
         matrix = _as_matrix_path(adata_or_path, Path(tmp), layer=layer)
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"
-        res = pipeline.annotate(run_id, matrix, model=model, output_dir=out, settings=settings, log=log, progress=False, **kwargs)
+        res = pipeline.annotate(run_id, matrix, model=model, output_dir=out, settings=settings, log=log, progress=False,
+                                client=client)
         df = read_cell_types(res.model_dir / "cell_types.csv").set_index("barcode")
-        emb = getattr(res, "embedding2d", None)
-        if emb is None:
-            emb = _reference_pcs(res.record, client=client)
+        emb = res.embedding2d
     df.attrs["dask_annot"] = {
         "run": res.record,
         "model_dir": str(res.model_dir) if output_dir is not None else None,
@@ -221,26 +212,3 @@ def _as_matrix_path(obj: Any, tmp: Path, *, layer: str | None) -> Path:
     return path
 
 
-def _reference_pcs(record: dict, *, n_pcs: int = 2, client: Any = None) -> np.ndarray:
-    """The first ``n_pcs`` reference PCs of each query cell of a finished run (float32, matrix order).
-
-    Built with the pipeline's own :func:`~dask_annot.pipeline.embedding` on the run's zarr
-    store and reference, so the coordinates are those the neighbour search used. Until
-    ``pipeline.annotate`` returns them (``RunResult.embedding2d``), this is how they are obtained.
-    """
-    import dask
-
-    from . import align, pipeline, store
-    from .reference import load_reference
-
-    store_path = (record.get("input") or {}).get("store")
-    if not store_path or not Path(store_path).exists():
-        raise InputNotFoundError(f"{store_path}: the run's zarr store is gone; run annotate again to rebuild it")
-    st = store.open_store(store_path)
-    mdl = load_reference(record["reference"]["path"])
-    al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=mdl.gene_ids,
-                           ref_names=mdl.gene_names, source=str(store_path), reference=f"model '{mdl.name}'")
-    chunk = int((record.get("parameters") or {}).get("chunk_cells") or 10_000)
-    emb = pipeline.embedding(st, mdl, al, chunk_cells=chunk)[:, :n_pcs]
-    (out,) = dask.compute(emb, scheduler=client if client is not None else "threads")
-    return np.asarray(out, dtype=np.float32)

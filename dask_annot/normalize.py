@@ -33,11 +33,6 @@ def _log_normalize_block(block: sp.csr_matrix, umi: np.ndarray, target_sum: floa
     return out
 
 
-def _log_normalize_aligned(block: sp.csr_matrix, umi: np.ndarray, model) -> sp.csr_matrix:
-    """Sparse log1p(counts scaled to ``model.target_sum``) of one aligned block."""
-    return _log_normalize_block(block, umi, model.target_sum)
-
-
 def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
     """Dense float32 z-scores (cells x reference genes) of one aligned block.
 

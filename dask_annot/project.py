@@ -37,18 +37,6 @@ def _project_block(z: np.ndarray, proj: np.ndarray) -> np.ndarray:
     return (z.astype(np.float64) @ proj).astype(np.float32)
 
 
-def project(z: da.Array, proj, *, n_pcs: int) -> da.Array:
-    """Lazy embedding of each cell in the reference PCA space.
-
-    ``proj`` is :func:`projection_matrix` (or a ``Delayed`` of it, shipped once).
-    """
-    check_cell_chunked(z, "project")
-    return da.map_blocks(
-        _project_block, z, proj, dtype=np.float32,
-        chunks=(z.chunks[0], (n_pcs,)), meta=np.empty((0, 0), np.float32),
-    )
-
-
 def projection_terms(proj: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``P / std`` (genes x PCs) and the constant row ``(mean / std) @ P``."""
     proj = np.asarray(proj, dtype=np.float64)
