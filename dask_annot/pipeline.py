@@ -311,7 +311,7 @@ def _check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_r
     chunk = min(settings.chunk_cells, n_cells)
     need = chunk_memory_bytes(chunk, n_genes=n_genes, k=k, n_ref=n_ref, method=method)
     have = psutil.virtual_memory().available
-    if settings.scheduler in ("threads", "processes", "local") and need * workers > 0.8 * have:
+    if settings.scheduler in ("auto", "threads", "processes", "local") and need * workers > 0.8 * have:
         per_cell = max(1, (need - 64 * 2**20) // max(1, chunk))
         fit = max(100, int(0.8 * have / workers - 64 * 2**20) // per_cell)
         raise ConfigError(
