@@ -416,8 +416,10 @@ def _log_ratio(a: float, b: float, n: float, k: float, j: float) -> float:
 
     Exactly 0 when k == j, and exactly 0 for mirrored ties (a == b, k == n − j).
     """
+    # b + (n − k), not (b + n) − k: n − k is an exact integer, so a mirrored argument
+    # equals a + j bit for bit and mirrored ties cancel to exactly 0
     return (_lgamma_diff(a + j, a + k) - _lgamma_diff(j + 1.0, k + 1.0)) + (
-        _lgamma_diff(b + n - j, b + n - k) - _lgamma_diff(n - j + 1.0, n - k + 1.0)
+        _lgamma_diff(b + (n - j), b + (n - k)) - _lgamma_diff((n - j) + 1.0, (n - k) + 1.0)
     )
 
 

@@ -88,6 +88,24 @@ def embedding(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cel
     return project.project_counts(logn, terms_d, model_d, n_pcs=mdl.n_pcs)
 
 
+def reference_pcs(record: dict, *, n_pcs: int = 2, client=None) -> np.ndarray:
+    """The first ``n_pcs`` reference PCs of each cell of a finished run (float32, matrix order),
+    recomputed from its zarr store and reference with :func:`embedding` (what the run used)."""
+    from .errors import InputNotFoundError
+
+    store_path = (record.get("input") or {}).get("store")
+    if not store_path or not Path(store_path).exists():
+        raise InputNotFoundError(f"{store_path}: the run's zarr store is gone; run annotate again to rebuild it")
+    st = store.open_store(store_path)
+    mdl = load_reference(record["reference"]["path"])
+    al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=mdl.gene_ids,
+                           ref_names=mdl.gene_names, source=str(store_path), reference=f"model '{mdl.name}'")
+    chunk = int((record.get("parameters") or {}).get("chunk_cells") or 10_000)
+    emb = embedding(st, mdl, al, chunk_cells=chunk)[:, :n_pcs]
+    (out,) = dask.compute(emb, scheduler=client if client is not None else "threads")
+    return np.asarray(out, dtype=np.float32)
+
+
 def choose_model(spec: str, st: store.StoreInfo) -> tuple[Model, align.Alignment, dict]:
     """The model named by ``spec``; ``auto`` takes the built-in model sharing most genes."""
     if spec != "auto":

@@ -152,9 +152,9 @@ def rebuild(model_dir: str | os.PathLike, *, embedding2d: np.ndarray | None = No
     de_path = mdir / "cell_annotation_differential_expression.csv"
     de = pd.read_csv(de_path, keep_default_na=False, na_values=["NaN"]) if de_path.is_file() else None
     if embedding2d is None:
-        from .api import _reference_pcs
+        from .pipeline import reference_pcs
 
-        embedding2d = _reference_pcs(record)
+        embedding2d = reference_pcs(record)
     out = mdir / FILENAME
     write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de)
     return out
