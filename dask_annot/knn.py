@@ -70,13 +70,11 @@ def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
     return out
 
 
-def _ann_block(q: np.ndarray, model, k: int, epsilon: float) -> np.ndarray:
-    from .reference import unit_rows
-
-    index = model.ann_index()
-    idx, dist = index.query(unit_rows(q).astype(np.float32), k=k, epsilon=epsilon)
-    idx = np.asarray(idx, dtype=np.int64)
-    dist = np.asarray(dist, dtype=np.float64)
+def _sorted_records(idx, dist, k: int) -> np.ndarray:
+    """Neighbour records sorted by (distance, index); missing neighbours (index < 0 or a
+    non-finite distance) last, as index -1 and distance inf."""
+    idx = np.asarray(idx, dtype=np.int64).copy()
+    dist = np.asarray(dist, dtype=np.float64).copy()
     bad = ~np.isfinite(dist) | (idx < 0)
     dist[bad] = np.inf
     idx[bad] = np.iinfo(np.int32).max
@@ -84,30 +82,24 @@ def _ann_block(q: np.ndarray, model, k: int, epsilon: float) -> np.ndarray:
     idx = np.take_along_axis(idx, order, axis=1)
     dist = np.take_along_axis(dist, order, axis=1)
     idx[~np.isfinite(dist)] = -1
-    out = np.empty(q.shape[0], dtype=neighbor_dtype(k))
+    out = np.empty(idx.shape[0], dtype=neighbor_dtype(k))
     out["idx"] = idx
     out["dist"] = dist.astype(np.float32)
     return out
+
+
+def _ann_block(q: np.ndarray, model, k: int, epsilon: float) -> np.ndarray:
+    from .reference import unit_rows
+
+    idx, dist = model.ann_index().query(unit_rows(q).astype(np.float32), k=k, epsilon=epsilon)
+    return _sorted_records(idx, dist, k)
 
 
 def _flat_block(q: np.ndarray, model, k: int) -> np.ndarray:
     from .reference import unit_rows
 
-    index = model.flat_index()
-    dist2, idx = index.search(np.ascontiguousarray(unit_rows(q), dtype=np.float32), k)
-    idx = idx.astype(np.int64)
-    dist = np.sqrt(np.maximum(dist2.astype(np.float64), 0.0))
-    bad = idx < 0
-    dist[bad] = np.inf
-    idx[bad] = np.iinfo(np.int32).max
-    order = np.lexsort((idx, dist), axis=1)
-    idx = np.take_along_axis(idx, order, axis=1)
-    dist = np.take_along_axis(dist, order, axis=1)
-    idx[~np.isfinite(dist)] = -1
-    out = np.empty(q.shape[0], dtype=neighbor_dtype(k))
-    out["idx"] = idx
-    out["dist"] = dist.astype(np.float32)
-    return out
+    dist2, idx = model.flat_index().search(np.ascontiguousarray(unit_rows(q), dtype=np.float32), k)
+    return _sorted_records(idx, np.sqrt(np.maximum(dist2.astype(np.float64), 0.0)), k)
 
 
 def _neighbors_block(q: np.ndarray, model, k: int, method: str, epsilon: float) -> np.ndarray:
