@@ -80,6 +80,10 @@ class PeakRSS:
         self.peak_single = 0
         self.max_procs = 0
         self.samples = 0
+        self._cpu: dict[int, float] = {}  # pid -> last seen user+system CPU seconds
+        self._sys0 = self._busy()
+        self.other_cores = None
+        self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -97,6 +101,11 @@ class PeakRSS:
                 continue
             total += rss
             single = max(single, rss)
+            try:
+                t = p.cpu_times()
+                self._cpu[p.pid] = t.user + t.system
+            except ps.Error:
+                pass
         self.peak = max(self.peak, total)
         self.peak_single = max(self.peak_single, single)
         self.max_procs = max(self.max_procs, len(procs))
@@ -111,9 +120,18 @@ class PeakRSS:
         self._thread.start()
         return self
 
+    def _busy(self) -> float:
+        t = self._psutil.cpu_times()
+        return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
+
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        wall = time.perf_counter() - self._t0
+        if wall > 0:
+            # the machine is shared: how many cores other processes kept busy meanwhile, on average
+            other = self._busy() - self._sys0 - sum(self._cpu.values())
+            self.other_cores = round(max(other, 0.0) / wall, 2)
 
 
 def run_measured(cmd: list[str], *, log: Path, env: dict | None = None, cwd: Path = REPO) -> dict:
@@ -135,6 +153,7 @@ def run_measured(cmd: list[str], *, log: Path, env: dict | None = None, cwd: Pat
         "peak_rss_largest_process_gb": round(peak.peak_single / GB, 3),
         "max_processes": peak.max_procs,
         "load_avg_1min_at_start": round(load0, 2),
+        "other_processes_mean_cores": peak.other_cores,
         "log": str(log),
     }
 
@@ -440,6 +459,20 @@ def _f(x, fmt="{:.1f}"):
     return "-" if x is None else fmt.format(x)
 
 
+def load_note(r: dict) -> str:
+    """The machine's load around a run: 1-min load average at its start and, when sampled,
+    the mean number of cores other processes kept busy during it."""
+    out = f"{r.get('load_avg_1min_at_start', float('nan')):.1f} at start"
+    if r.get("other_processes_mean_cores") is not None:
+        out += f", others {r['other_processes_mean_cores']:.1f} cores"
+    return out
+
+
+def commit(r: dict) -> str:
+    g = r.get("git") or {}
+    return (str(g.get("head"))[:8] + ("+dirty" if g.get("dask_annot_uncommitted") else "")) if g.get("head") else "-"
+
+
 def md_tables(res: dict) -> str:
     lines: list[str] = []
     sims = res.get("simulate", {})
@@ -463,14 +496,14 @@ def md_tables(res: dict) -> str:
     stages = [s_ for s_ in order if s_ in seen] + sorted(seen - set(order)) + ["total"]
     if ann:
         lines += ["### dask-annot annotate (default settings)", "",
-                  "| cells | scheduler | kNN | " + " | ".join(f"{s} s" for s in stages) + " | process wall s | peak RSS GB (all processes) | accuracy fine | accuracy coarse | DE share of wall |",
-                  "|" + "---|" * (len(stages) + 8)]
+                  "| cells | scheduler | kNN | " + " | ".join(f"{s} s" for s in stages) + " | process wall s | peak RSS GB (all processes) | accuracy fine | accuracy coarse | DE share of wall | machine load | dask-annot |",
+                  "|" + "---|" * (len(stages) + 10)]
         for key in sorted(ann, key=int):
             a = ann[key]
             t = a["timings_s"]
             de_share = t.get("de", 0) / a["wall_s"] if a["wall_s"] else None
             lines.append(f"| {int(key):,} | {a['parameters'].get('scheduler')} | {a['parameters'].get('knn_method')} | " + " | ".join(_f(t.get(s)) for s in stages) +
-                         f" | {a['wall_s']:.1f} | {a['peak_rss_gb']:.2f} | {a['accuracy_fine']:.4f} | {a['accuracy_coarse']:.4f} | {_f(de_share, '{:.0%}')} |")
+                         f" | {a['wall_s']:.1f} | {a['peak_rss_gb']:.2f} | {a['accuracy_fine']:.4f} | {a['accuracy_coarse']:.4f} | {_f(de_share, '{:.0%}')} | {load_note(a)} | {commit(a)} |")
         lines += ["", "`annotate` = normalize + project + kNN + vote + per-chunk outputs (one Dask compute); `de` = sSeq DE on the coarse types; "
                   "`total` is run.json's; process wall adds interpreter start-up and imports.", ""]
     ing = res.get("ingest", {})
@@ -499,11 +532,11 @@ def md_tables(res: dict) -> str:
     sc_ = res.get("scaling", {})
     if sc_.get("runs"):
         lines += [f"### Scaling on this machine ({sc_['cells']:,}-cell query, `--scheduler local`, 1 thread per worker, input = the zarr store)", "",
-                  "| workers | kNN | annotate s | de s | total s | process wall s | peak RSS GB | accuracy fine |", "|---|---|---|---|---|---|---|---|"]
+                  "| workers | kNN | annotate s | de s | total s | process wall s | peak RSS GB | accuracy fine | machine load | dask-annot |", "|---|---|---|---|---|---|---|---|---|---|"]
         for w in sorted(sc_["runs"], key=int):
             r = sc_["runs"][w]
             t = r["timings_s"]
-            lines.append(f"| {w} | {r['parameters'].get('knn_method')} | {_f(t.get('annotate'))} | {_f(t.get('de'))} | {_f(t.get('total'))} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['accuracy_fine']:.4f} |")
+            lines.append(f"| {w} | {r['parameters'].get('knn_method')} | {_f(t.get('annotate'))} | {_f(t.get('de'))} | {_f(t.get('total'))} | {r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {r['accuracy_fine']:.4f} | {load_note(r)} | {commit(r)} |")
         if "speedup" in sc_:
             lines += ["", "Speed-up 1 -> 2 workers: " + ", ".join(f"{k_} {v:.2f}x" for k_, v in sc_["speedup"].items())]
         lines.append("")
@@ -518,6 +551,8 @@ def md_tables(res: dict) -> str:
                   "(fingerprint, convert, load_model, write) which do not scale with W.", ""]
     elif pc:
         lines += [f"Per-chunk kernel times: NOT MEASURED ({pc.get('error')})", ""]
+    if res.get("notes"):
+        lines += ["### Notes", ""] + [f"- {n}" for n in res["notes"]] + [""]
     tg = res.get("targets")
     if tg:
         lines += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
@@ -639,7 +674,9 @@ def main_run(args) -> int:
 
 def header(res: dict) -> str:
     last = res["runs_log"][-1]
-    return (f"# Scale benchmark\n\nLast run {last['started']} by `{last['command'].strip()}` on {last['machine']['cpus']} CPUs, "
+    runs = "".join(f"- {r['started']}: `{r['command'].strip()}` (dask-annot {str(r['git']['head'])[:8]})\n" for r in res["runs_log"])
+    return (f"# Scale benchmark\n\nThe sections below come from these runs (each table row names its dask-annot commit):\n\n{runs}\n"
+            f"Last run {last['started']} by `{last['command'].strip()}` on {last['machine']['cpus']} CPUs, "
             f"{last['machine']['mem_gb']} GB (a machine shared with other jobs: load average at the start of each run is in scale.json). "
             f"dask-annot at {str(last['git']['head'])[:10]}"
             + (f" with uncommitted changes to {', '.join(last['git']['dask_annot_uncommitted'])}" if last["git"]["dask_annot_uncommitted"] else "")
