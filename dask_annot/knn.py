@@ -36,9 +36,10 @@ def choose_method(n_reference_cells: int, requested: str = "auto") -> Method:
     ``exact`` (NumPy, float64) up to :data:`EXACT_MAX_REFERENCE_CELLS` reference
     cells; ``flat`` (faiss' brute-force index: exact in float32, blocked BLAS and a
     k-heap per query, releases the GIL) up to :data:`FLAT_MAX_REFERENCE_CELLS`;
-    ``ann`` (pynndescent) above. Measured against a 100,000-cell reference at
-    k=500 on a loaded 2-core machine: faiss flat 1,404 queries/s per thread,
-    pynndescent 236 (and pynndescent's search holds the GIL).
+    ``ann`` (pynndescent) above. Measured on a quiet machine against a 100,000-cell reference at k=500
+    (benchmarks/bench_scale.py): 10.2 s per 10k cells per thread with faiss,
+    12.2 s with pynndescent; faiss releases the GIL, pynndescent's search does
+    not, so only faiss scales with threads.
     """
     if requested in ("exact", "flat", "ann"):
         return requested  # type: ignore[return-value]
