@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(an)
     an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
     an.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask chunk (default 10000; labels do not depend on it)")
-    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "flat", "ann"],
-                    help="neighbour search: exact (NumPy), flat (faiss, exact), ann (pynndescent); default auto, by reference size")
+    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"],
+                    help="neighbour search: exact (BLAS screen + float64), ann (pynndescent); default auto: exact up to 400,000 reference cells")
     an.add_argument("--layout", default=None, choices=["cloud", "hierarchical"], help="cell_types.csv columns (default cloud)")
     an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--n-hvg", type=int, default=1000, help="highly variable genes (default 1000)")
     br.add_argument("--n-pcs", type=int, default=30, help="principal components (default 30)")
     br.add_argument("--seed", type=int, default=0, help="seed for the ANN index")
-    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "flat", "ann"],
+    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann"],
                     help="search the model is built for; ann stores a pynndescent index (default: by size, ann above 400,000 cells)")
     br.set_defaults(func=_cmd_build_reference)
 

@@ -354,7 +354,15 @@ def make_client(scheduler: str = "threads", *, n_workers: int | None = None, thr
         raise ClusterError(f"--scheduler must be one of {_known()}; got {scheduler!r}")
     cores_here = os.cpu_count() or 1
     if scheduler == "threads":
-        with dask.config.set(scheduler="threads", num_workers=n_workers or cores_here):
+        from threadpoolctl import threadpool_limits
+
+        threads = n_workers or cores_here
+        # Dask's threads each run a BLAS product at a time: a multi-threaded BLAS under
+        # each of them oversubscribes the cores (the kNN screen ran 1.6x slower with
+        # OpenBLAS on 2 threads under 2 Dask threads, measured). Distributed workers get
+        # the same from the nanny's OPENBLAS/OMP/MKL_NUM_THREADS=1.
+        with dask.config.set(scheduler="threads", num_workers=threads), \
+                threadpool_limits(limits=1 if threads > 1 else None, user_api="blas"):
             yield None
         return
     if scheduler == "processes":

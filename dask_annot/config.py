@@ -67,8 +67,8 @@ def resolve(**flags: Any) -> Settings:
         raise ConfigError(f"--k must be at least 1, got {s.k}")
     if int(s.chunk_cells) < 1:
         raise ConfigError(f"--chunk-cells must be at least 1, got {s.chunk_cells}")
-    if s.knn_method not in ("auto", "exact", "flat", "ann"):
-        raise ConfigError(f"--knn-method must be auto, exact, flat or ann, got '{s.knn_method}'")
+    if s.knn_method not in ("auto", "exact", "ann"):
+        raise ConfigError(f"--knn-method must be auto, exact or ann, got '{s.knn_method}'")
     if s.layout not in ("cloud", "hierarchical"):
         raise ConfigError(f"--layout must be cloud or hierarchical, got '{s.layout}'")
     return dataclasses.replace(s, k=int(s.k), chunk_cells=int(s.chunk_cells))

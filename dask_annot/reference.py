@@ -83,10 +83,6 @@ class Model:
         return unit_rows(self.embedding64)
 
     @cached_property
-    def embedding_sq(self) -> np.ndarray:
-        return (self.embedding_unit**2).sum(axis=1)
-
-    @cached_property
     def class_sizes(self) -> np.ndarray:
         return np.bincount(self.label_codes, minlength=len(self.labels))
 
@@ -94,13 +90,17 @@ class Model:
         """The pynndescent index, unpickled once per process (rebuilt if it cannot be)."""
         return _ann_index(self)
 
-    def flat_index(self):
-        """faiss' brute-force index over the unit-length embedding, built once per process."""
-        return _flat_index(self)
+    @cached_property
+    def screen_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """For the exact search's float32 screen: the unit embedding transposed
+        (PCs x cells), and the same for about 2,048 evenly spaced cells."""
+        from .knn import screen_arrays
+
+        return screen_arrays(self.embedding_unit)
 
     def __getstate__(self):
         state = self.__dict__.copy()  # caches (and indexes) are rebuilt where the model lands
-        for key in ("loadings64", "embedding64", "embedding_unit", "embedding_sq"):
+        for key in ("loadings64", "embedding64", "embedding_unit", "screen_arrays"):
             state.pop(key, None)
         return state
 
@@ -130,28 +130,6 @@ def _ann_index(model: Model):
     index = pickle.loads(blob)
     with _INDEX_LOCK:
         _INDEX_CACHE[key] = index
-    return index
-
-
-_FLAT_CACHE: dict[tuple[str, str], object] = {}
-
-
-def _flat_index(model: Model):
-    """A faiss IndexFlatL2; searches are read-only and release the GIL, so threads share it.
-
-    faiss runs single-threaded inside each search: Dask parallelises over chunks.
-    """
-    import faiss
-
-    key = (model.path, model.meta.get("checksums", {}).get("arrays.npz", ""))
-    with _INDEX_LOCK:
-        index = _FLAT_CACHE.get(key)
-        if index is None:
-            faiss.omp_set_num_threads(1)
-            data = np.ascontiguousarray(model.embedding_unit, dtype=np.float32)
-            index = faiss.IndexFlatL2(data.shape[1])
-            index.add(data)
-            _FLAT_CACHE[key] = index
     return index
 
 

@@ -45,22 +45,61 @@ def test_ann_neighbours_do_not_depend_on_chunking_or_threads():
         np.testing.assert_array_equal(r["idx"], runs[0]["idx"])
 
 
-def test_faiss_flat_is_exact_search_and_chunk_independent():
-    """The flat (faiss) search agrees with NumPy's float64 exact search, whatever the chunking."""
+def _brute_force(q, ref_unit, k):
+    """Every reference cell scored (the same fixed-order float64 dot), ordered by (distance, index)."""
+    dots = knn._full_dots(np.ascontiguousarray(reference.unit_rows(np.asarray(q, np.float64))), np.ascontiguousarray(ref_unit))
+    order = np.lexsort((np.broadcast_to(np.arange(dots.shape[1]), dots.shape), -dots), axis=1)[:, :k]
+    return order, np.sqrt(np.maximum(2 - 2 * np.take_along_axis(dots, order, axis=1), 0))
+
+
+def test_exact_search_is_the_float64_top_k_whatever_the_chunking():
+    """The screened exact search returns every cell's true top k (ties by index) on a
+    60k-cell reference with duplicated cells and outlying queries, for any chunking and
+    scheduler, and agrees with NumPy's BLAS float64 distances."""
     import dask
     import dask.array as da
 
-    m = reference.resolve_model("human_pbmc_v1")
     rng = np.random.default_rng(2)
-    q = m.embedding[rng.integers(0, m.n_cells, 3000)] + rng.normal(size=(3000, m.n_pcs)).astype(np.float32) * 0.5
+    centres = rng.normal(size=(7, 30))
+    ref = centres[rng.integers(0, 7, 60_000)] + rng.normal(size=(60_000, 30)) * 0.6
+    ref[30_000:30_400] = ref[100]  # 401 identical cells: ties across the k-th neighbour
+    m = TinyRef(ref)
+    q = np.concatenate([
+        centres[rng.integers(0, 7, 2500)] + rng.normal(size=(2500, 30)) * 0.6,
+        ref[[100, 5, 59_999]],  # a duplicated cell, and cells of the reference itself
+        rng.normal(size=(20, 30)) * 5,  # far from every centre: few cells pass a sample's threshold
+    ])
     runs = []
-    for chunk, scheduler in [(3000, "sync"), (500, "threads"), (2999, "threads")]:
+    for chunk, scheduler in [(len(q), "sync"), (500, "threads"), (2999, "threads"), (1, "sync")]:
+        qq = q[:40] if chunk == 1 else q
         with dask.config.set(scheduler=scheduler, num_workers=2):
-            runs.append(knn.neighbors(da.from_array(q, chunks=(chunk, -1)), m, k=200, method="flat").compute())
+            runs.append(knn.neighbors(da.from_array(qq, chunks=(chunk, -1)), m, k=500, method="exact").compute())
     for r in runs[1:]:
-        np.testing.assert_array_equal(r["idx"], runs[0]["idx"])
-        np.testing.assert_array_equal(r["dist"], runs[0]["dist"])
-    exact = knn._exact_block(q, m, 200)
-    assert np.mean(runs[0]["idx"] == exact["idx"]) > 0.999  # float32 vs float64 near-ties only
-    np.testing.assert_allclose(runs[0]["dist"], exact["dist"], atol=2e-3)
-    assert knn.choose_method(100_000) == "flat" and knn.choose_method(3500) == "exact" and knn.choose_method(1_000_000) == "ann"
+        n = len(r)
+        np.testing.assert_array_equal(r["idx"], runs[0]["idx"][:n])
+        np.testing.assert_array_equal(r["dist"], runs[0]["dist"][:n])
+    idx, dist = _brute_force(q, m.embedding_unit, 500)
+    np.testing.assert_array_equal(runs[0]["idx"], idx)
+    np.testing.assert_allclose(runs[0]["dist"], dist.astype(np.float32), rtol=0, atol=0)
+    assert set(runs[0]["idx"][2500, :401]) == set([100, *range(30_000, 30_400)])  # all the ties, lowest index first
+    blas = np.sqrt(np.maximum(2 - 2 * reference.unit_rows(q) @ m.embedding_unit.T, 0))
+    np.testing.assert_allclose(runs[0]["dist"], np.sort(blas, axis=1)[:, :500], atol=1e-6)
+
+
+def test_exact_search_pads_when_k_exceeds_the_reference_and_picks_methods():
+    ref = np.random.default_rng(3).normal(size=(40, 5))
+    out = knn._exact_block(ref[:3] + 0.01, TinyRef(ref), 50)
+    assert (out["idx"][:, :40] >= 0).all() and (out["idx"][:, 40:] == -1).all() and np.isinf(out["dist"][:, 40:]).all()
+    np.testing.assert_array_equal(out["idx"][:, :40], _brute_force(ref[:3] + 0.01, TinyRef(ref).embedding_unit, 40)[0])
+    assert knn.choose_method(100_000) == "exact" and knn.choose_method(400_000) == "exact"
+    assert knn.choose_method(400_001) == "ann" and knn.choose_method(3500, "ann") == "ann"
+    with pytest.raises(ValueError, match="unknown kNN method"):
+        knn.choose_method(10, "flat")
+
+
+class TinyRef:
+    """What the exact search reads from a reference Model."""
+
+    def __init__(self, embedding):
+        self.embedding_unit = reference.unit_rows(np.asarray(embedding, np.float64))
+        self.screen_arrays = knn.screen_arrays(self.embedding_unit)

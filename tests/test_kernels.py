@@ -19,7 +19,7 @@ class TinyModel:
     def __init__(self, embedding, label_codes, labels, datasets=("d0",), dataset_codes=None):
         self.embedding64 = np.asarray(embedding, dtype=np.float64)
         self.embedding_unit = unit_rows(self.embedding64)
-        self.embedding_sq = (self.embedding_unit**2).sum(axis=1)
+        self.screen_arrays = knn.screen_arrays(self.embedding_unit)
         self.label_codes = np.asarray(label_codes, dtype=np.int32)
         self.labels = tuple(labels)
         self.class_sizes = np.bincount(self.label_codes, minlength=len(labels))
