@@ -42,6 +42,7 @@ def annotate(
     client: Any = None,
     k: int = 500,
     layout: Literal["cloud", "hierarchical"] = "cloud",
+    consensus: Literal["auto", "spread", "none"] = "auto",
     output_dir: str | os.PathLike | None = None,
     run_id: str | None = None,
     layer: str | None = None,
@@ -64,6 +65,9 @@ def annotate(
         Neighbours per cell (10x's 500; capped for small references, see ``run.json``).
     layout
         Columns of the result: ``cloud`` (``cell_count_in_model``) or ``hierarchical``.
+    consensus
+        As ``--consensus``: label spreading over the query's own neighbours (``auto``:
+        only for small references).
     output_dir
         Keep the outputs (``cell_types.csv``, DE table, ``run.json``, ``web_summary.html``)
         under ``output_dir/run_id/outs/segmented_outs/cell_types/<model>/``; default: a
@@ -91,7 +95,7 @@ def annotate(
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_id = run_id or "dask_annot"
-    settings = config.resolve(k=k, layout=layout, chunk_cells=chunk_cells, force=force or None)
+    settings = config.resolve(k=k, layout=layout, consensus=consensus, chunk_cells=chunk_cells, force=force or None)
     with tempfile.TemporaryDirectory(prefix="dask-annot-") as tmp:
         matrix = _as_matrix_path(adata_or_path, Path(tmp), layer=layer)
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"

@@ -48,7 +48,7 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     from . import config, pipeline
 
     settings = config.resolve(k=a.k, chunk_cells=a.chunk_cells, knn_method=a.knn_method, layout=a.layout,
-                              force=a.force or None, **_cluster_settings(a))
+                              consensus=a.consensus, force=a.force or None, **_cluster_settings(a))
     if a.print_job_script:
         return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"],
                     help="neighbour search: exact (BLAS screen + float64), ann (pynndescent); default auto: exact up to 400,000 reference cells")
     an.add_argument("--layout", default=None, choices=["cloud", "hierarchical"], help="cell_types.csv columns (default cloud)")
+    an.add_argument("--consensus", default=None, choices=["auto", "spread", "none"],
+                    help="label spreading of the votes over the query's own 15-NN graph; default auto: only when the "
+                         "reference is small enough that k is capped (under 50,000 cells)")
     an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(func=_cmd_annotate)

@@ -37,6 +37,7 @@ class Settings:
     knn_method: str = "auto"
     ann_epsilon: float = 0.2
     layout: str = "cloud"
+    consensus: str = "auto"
     scheduler: str = "auto"
     n_workers: int | None = None
     threads_per_worker: int = 1
@@ -69,6 +70,8 @@ def resolve(**flags: Any) -> Settings:
         raise ConfigError(f"--chunk-cells must be at least 1, got {s.chunk_cells}")
     if s.knn_method not in ("auto", "exact", "ann"):
         raise ConfigError(f"--knn-method must be auto, exact or ann, got '{s.knn_method}'")
+    if s.consensus not in ("auto", "spread", "none"):
+        raise ConfigError(f"--consensus must be auto, spread or none, got '{s.consensus}'")
     if s.layout not in ("cloud", "hierarchical"):
         raise ConfigError(f"--layout must be cloud or hierarchical, got '{s.layout}'")
     return dataclasses.replace(s, k=int(s.k), chunk_cells=int(s.chunk_cells))

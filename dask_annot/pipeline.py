@@ -19,7 +19,7 @@ from pathlib import Path
 import dask
 import numpy as np
 
-from . import __version__, align, h5, knn, normalize, outputs, project, store, vote
+from . import __version__, align, consensus, h5, knn, normalize, outputs, project, store, vote
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, OutputError, TooFewCellsError
 from .reference import Model, builtin_models, load_reference, resolve_model
@@ -205,9 +205,10 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
+    spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
     method = knn.choose_method(mdl.n_cells, settings.knn_method)
     log(f"model {mdl.name} v{mdl.version}: {al.n_shared}/{al.n_reference_genes} genes shared (by {al.matched_by}); "
-        f"k={k_used} ({k_rule}); {method} search")
+        f"k={k_used} ({k_rule}); {method} search" + ("; label spreading over the query's own neighbours" if spread else ""))
     settings = _resolve_scheduler(settings, method, log, n_cells=st.n_cells)
     _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
 
@@ -218,7 +219,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
         nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
         bounds = np.cumsum((0,) + nbrs.chunks[0])
         emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
-        ckpt = _checkpoint_dir(root / "work", fp, mdl, k_used, method, balanced, settings, bounds)
+        ckpt = _checkpoint_dir(root / "work", fp, mdl, k_used, method, balanced, settings, bounds, spread)
         done = _finished_chunks(ckpt, bounds)
         parts = []
         for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
@@ -226,7 +227,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
             if i in done:
                 parts.append(dask.delayed(_load_chunk, pure=True)(path))
             else:
-                parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, balanced, st.barcodes[bounds[i]:bounds[i + 1]], path))
+                parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, spread))
         if done:
             log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
         with timer.stage("annotate"), _progress(progress, active):
@@ -234,6 +235,13 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
         votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
         members = [p[1] for p in parts]
         embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
+        consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
+        if spread and parts:
+            counts = np.concatenate([p[3] for p in parts])
+            p0 = np.concatenate([p[4] for p in parts])
+            with timer.stage("consensus"), _progress(progress, active):
+                votes_np, consensus_rec = consensus.apply(st, votes_np, counts, p0, log=log)
+            del counts, p0
         fine, coarse_unf, coarse, broad = outputs.coarse_labels(votes_np["fine"], umi_all, mdl)
         groups = sorted(set(coarse.tolist()))
         de_df = None
@@ -282,6 +290,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
         "parameters": {
             "k_requested": settings.k, "k_used": k_used, "k_rule": k_rule,
             "vote": "class-balanced plurality (small reference)" if balanced else "plurality (10x)",
+            "consensus": consensus_rec,
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_shared < al.n_reference_genes else "none missing",
             "knn_method": method, "ann_epsilon": settings.ann_epsilon if method == "ann" else None,
@@ -365,14 +374,15 @@ def _client(settings: Settings, log, *, shared_paths=(), client=None):
                        shared_paths=shared_paths, worker_timeout=settings.worker_timeout, **settings.job_options)
 
 
-def _checkpoint_dir(work: Path, fp: dict, mdl: Model, k_used: int, method: str, balanced: bool, settings: Settings, bounds) -> Path:
+def _checkpoint_dir(work: Path, fp: dict, mdl: Model, k_used: int, method: str, balanced: bool, settings: Settings, bounds,
+                    spread: bool = False) -> Path:
     """Per-chunk results live under a key of everything that determines them."""
     import hashlib
 
     key = json.dumps({
         "input": fp.get("sha256"), "reference": mdl.meta.get("checksums"), "model": mdl.name, "k": k_used,
         "method": method, "epsilon": settings.ann_epsilon if method == "ann" else None, "balanced": balanced,
-        "bounds": [int(b) for b in bounds], "version": __version__,
+        "bounds": [int(b) for b in bounds], "version": __version__, "scores": spread,
     }, sort_keys=True)
     return work / "chunks" / f"{mdl.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -386,22 +396,26 @@ def _finished_chunks(ckpt: Path, bounds) -> set[int]:
 
 
 def _finish_chunk(nbrs: np.ndarray, emb2: np.ndarray, model: Model, balanced: bool, barcodes: np.ndarray,
-                  path: str) -> tuple[np.ndarray, bytes, np.ndarray]:
-    """Vote, JSON and first two PCs of one chunk, saved under ``path`` (atomically) so a rerun can reuse them."""
-    votes = vote._vote_block(nbrs, model, balanced)
+                  path: str, scores: bool = False) -> tuple:
+    """Vote, JSON and first two PCs of one chunk (with ``scores``, also the per-label counts and
+    vote shares the consensus needs), saved under ``path`` (atomically) so a rerun can reuse them."""
+    votes, counts, p0 = vote.vote_with_scores(nbrs, model, balanced)
+    extra = {"counts": counts, "p0": p0} if scores else {}
     member = outputs._json_block(nbrs, model, barcodes)
     emb2 = np.asarray(emb2, dtype=np.float32)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as fh:
-        np.savez(fh, votes=votes, member=np.frombuffer(member, dtype=np.uint8), emb2=emb2)
+        np.savez(fh, votes=votes, member=np.frombuffer(member, dtype=np.uint8), emb2=emb2, **extra)
     os.replace(tmp, p)
-    return votes, member, emb2
+    return (votes, member, emb2, counts, p0) if scores else (votes, member, emb2)
 
 
-def _load_chunk(path: str) -> tuple[np.ndarray, bytes, np.ndarray]:
+def _load_chunk(path: str) -> tuple:
     with np.load(path) as z:
+        if "counts" in z.files:
+            return z["votes"], z["member"].tobytes(), z["emb2"], z["counts"], z["p0"]
         return z["votes"], z["member"].tobytes(), z["emb2"]
 
 

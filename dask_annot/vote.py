@@ -76,6 +76,13 @@ def label_counts(nbrs: np.ndarray, label_codes: np.ndarray, n_labels: int) -> tu
 
 
 def _vote_block(nbrs: np.ndarray, model, balanced: bool) -> np.ndarray:
+    return vote_with_scores(nbrs, model, balanced)[0]
+
+
+def vote_with_scores(nbrs: np.ndarray, model, balanced: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vote records, per-label neighbour counts (int32) and the vote scores scaled to sum to 1
+    per cell (float32; all zero for a cell without neighbours), the input of
+    :mod:`dask_annot.consensus`."""
     n_labels = len(model.labels)
     counts, wsum = label_counts(nbrs, model.label_codes, n_labels)
     if balanced:
@@ -97,7 +104,9 @@ def _vote_block(nbrs: np.ndarray, model, balanced: bool) -> np.ndarray:
     out["count"] = counts[rows, fine]
     out["prob"] = share[rows, fine]
     out["n_neighbors"] = counts.sum(axis=1)
-    return out
+    tot = score.sum(axis=1)
+    p0 = np.divide(score, tot[:, None], out=np.zeros_like(score), where=tot[:, None] > 0).astype(np.float32)
+    return out, counts.astype(np.int32), p0
 
 
 def vote(nbrs: da.Array, model, *, balanced: bool) -> da.Array:
