@@ -484,6 +484,14 @@ def _section_confidence(d: _Data) -> str:
             "means the neighbours are split among related fine types. No single threshold separates right from "
             "wrong calls.</p>"
         )
+    cons = d.params.get("consensus") or {}
+    if isinstance(cons, dict) and cons.get("applied"):
+        read += ("<p><b>Labels were smoothed over the sample's own neighbours</b> (label spreading over its "
+                 f"{_e(str(cons.get('graph_k', '')))}-nearest-neighbour graph; {_int(cons.get('cells_relabelled', 0))} cells "
+                 "took a label other than their own vote's). The support shown is still that of the reference "
+                 "neighbours for the final label"
+                 + (" (its spread share for final_level_softmax_prob)" if d.layout != "cloud" else "")
+                 + ", so a relabelled cell can have low or zero support.</p>")
     lead = f"Distribution of <code>{d.conf_name}</code> per fine type (bars: cells per bin; black tick: median; grey bar: interquartile range)."
     return _section("confidence", "Vote support per cell type", f'<div class="explain">{read}</div>{svg}{more}', lead)
 
