@@ -356,7 +356,7 @@ def peer_main(args) -> None:
 # --------------------------------------------------------------------------------------
 def peers_python(args) -> str:
     if args.peers_python:
-        return args.peers_python
+        return os.path.abspath(args.peers_python)  # the peers run in their own work directories
     res = subprocess.run(["bash", str(HERE / "setup_peers.sh")], capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stderr[-4000:])

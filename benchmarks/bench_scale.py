@@ -290,7 +290,7 @@ def run_annotate(work: Path, tag: str, matrix: str, ref: dict, truth: pd.Series,
 # ----------------------------------------------------------------------------- ingest (peer venv)
 def peers_python(args) -> str:
     if args.peers_python:
-        return args.peers_python
+        return os.path.abspath(args.peers_python)
     res = subprocess.run(["bash", str(HERE / "setup_peers.sh")], capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stderr[-4000:])
