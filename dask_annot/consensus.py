@@ -34,7 +34,7 @@ import numba
 import numpy as np
 
 from . import store
-from .normalize import _log_normalize_block
+from .normalize import _log_normalize_block, clipped_zscore, gene_moments, mean_var
 
 BLOCK_CELLS = 16_384
 N_HVG = 1000
@@ -61,18 +61,11 @@ def _logn(path: str, start: int, stop: int, n_features: int, umi: np.ndarray):
 
 
 def _stats_block(path, start, stop, n_features, umi):
-    x = _logn(path, start, stop, n_features, umi)
-    s1 = np.asarray(x.sum(axis=0)).ravel()
-    s2 = np.asarray(x.multiply(x).sum(axis=0)).ravel()
-    nexpr = np.bincount(x.indices, minlength=n_features)
-    return s1, s2, nexpr
+    return gene_moments(_logn(path, start, stop, n_features, umi))
 
 
 def _z(path, start, stop, n_features, umi, hvg, mean, std) -> np.ndarray:
-    x = _logn(path, start, stop, n_features, umi)[:, hvg].toarray()
-    z = (x - mean) / std
-    np.minimum(z, CLIP, out=z)
-    return z
+    return clipped_zscore(_logn(path, start, stop, n_features, umi)[:, hvg].toarray(), mean, std, CLIP)
 
 
 def _gram_block(path, start, stop, n_features, umi, hvg, mean, std):
@@ -106,8 +99,7 @@ def query_embedding(st: store.StoreInfo) -> np.ndarray | None:
         s1 += a1
         s2 += a2
         nexpr += ne
-    mean_all = s1 / n
-    var_all = np.maximum(s2 / n - mean_all**2, 0.0)
+    mean_all, var_all = mean_var(s1, s2, n)
     hvg = _select_hvg(mean_all, var_all, nexpr, N_HVG)
     if hvg.size < 2:
         return None

@@ -33,6 +33,27 @@ def _log_normalize_block(block: sp.csr_matrix, umi: np.ndarray, target_sum: floa
     return out
 
 
+def gene_moments(logn: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per gene of one log-normalized block: sum, sum of squares, cells expressing it.
+    Summed over blocks, :func:`mean_var` turns them into the moments HVG selection uses."""
+    s1 = np.asarray(logn.sum(axis=0)).ravel()
+    s2 = np.asarray(logn.multiply(logn).sum(axis=0)).ravel()
+    return s1, s2, np.bincount(logn.indices, minlength=logn.shape[1])
+
+
+def mean_var(s1: np.ndarray, s2: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Population mean and variance per gene from summed :func:`gene_moments`."""
+    mean = s1 / n
+    return mean, np.maximum(s2 / n - mean**2, 0.0)
+
+
+def clipped_zscore(dense: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: float) -> np.ndarray:
+    """``(x - mean) / std`` capped at ``clip`` (above only, as scanpy's ``max_value``), float64."""
+    z = (dense - mean) / std
+    np.minimum(z, clip, out=z)
+    return z
+
+
 def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
     """Dense float32 z-scores (cells x reference genes) of one aligned block.
 
@@ -40,9 +61,7 @@ def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
     they define what the projection computes, and tests and the reference build use them.
     """
     logn = _log_normalize_block(block, umi, model.target_sum).toarray()
-    z = (logn - model.mean) / model.std
-    np.minimum(z, model.clip, out=z)
-    return z.astype(np.float32)
+    return clipped_zscore(logn, model.mean, model.std, model.clip).astype(np.float32)
 
 
 def log_normalize(x: da.Array, umi: da.Array, *, target_sum: float = 1e4) -> da.Array:

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import __version__
 from .errors import ConfigError, InputFormatError, ReferenceArtifactError, check_format
+from .normalize import _log_normalize_block, clipped_zscore, gene_moments, mean_var
 from .ontology import CL_RELEASE, Levels, levels_for, read_ontology_map
 
 FORMAT = "dask-annot-reference"
@@ -360,29 +361,25 @@ def build_reference(
         if sel.size == 0:
             continue
         block = h5.read_cells(info, start, stop)[sel]
-        from .normalize import _log_normalize_block
-
         umi = np.asarray(block.sum(axis=1)).ravel()
-        logn = _log_normalize_block(block, umi, 1e4)
-        s1 += np.asarray(logn.sum(axis=0)).ravel()
-        s2 += np.asarray(logn.multiply(logn).sum(axis=0)).ravel()
-        nexpr += np.bincount(logn.indices, minlength=G)
+        b1, b2, bn = gene_moments(_log_normalize_block(block, umi, 1e4))
+        s1 += b1
+        s2 += b2
+        nexpr += bn
         blocks.append((start, stop, sel))
     n = keep_idx.size
-    mean_all = s1 / n
-    var_all = np.maximum(s2 / n - mean_all**2, 0.0)
+    mean_all, var_all = mean_var(s1, s2, n)
     hvg = _select_hvg(mean_all, var_all, nexpr, n_hvg)
     mean = mean_all[hvg]
     std = np.sqrt(var_all[hvg]) if scale else np.ones(hvg.size)
     std[std == 0] = 1.0
-    from .normalize import _log_normalize_block
 
     def z_blocks():
         for start, stop, sel in blocks:
             block = h5.read_cells(info, start, stop)[sel]
             umi = np.asarray(block.sum(axis=1)).ravel()
             logn = _log_normalize_block(block[:, hvg], umi, 1e4).toarray()
-            yield np.minimum((logn - mean) / std, 10.0)
+            yield clipped_zscore(logn, mean, std, 10.0)
 
     # pass 2: the genes x genes Gram matrix of the z-scores; its eigenvectors are the
     # PCA loadings (exact, and only genes x genes is ever held, whatever the cell count)
