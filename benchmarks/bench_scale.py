@@ -421,7 +421,7 @@ def chunk_kernel_times(store_path: str, ref_path: str, *, chunk_cells: int, k_re
         return r
 
     with threadpool_limits(1):
-        block = timed("read", store._read_block, st.path, 0, n, st.n_features)
+        block = timed("read", store.read_block, st.path, 0, n, st.n_features)
         aligned = timed("align", align._align_block, block, al.selection())
         z = timed("zscore", normalize._zscore_block, aligned, st.umi_count[:n, None], model)
         emb = timed("project", project._project_block, z, proj)
@@ -439,10 +439,10 @@ def chunk_kernel_times(store_path: str, ref_path: str, *, chunk_cells: int, k_re
             timed("knn_ann (not in annotate)", search, "ann")
         nbrs = np.concatenate(parts)
         timed("vote", vote._vote_block, nbrs, model, balanced)
-        timed("json_member", outputs._json_block, nbrs, model, st.barcodes[:n])
+        timed("json_member", outputs.json_block, nbrs, model, st.barcodes[:n])
         # DE: the per-chunk sufficient statistics, on DE's own fixed chunk
         n_de = min(pipeline.DE_CHUNK_CELLS, st.n_cells)
-        de_block = store._read_block(st.path, 0, n_de, st.n_features)
+        de_block = store.read_block(st.path, 0, n_de, st.n_features)
         codes = np.arange(n_de) % 4  # 4 groups, as the coarse types of the sorted-PBMC map
         timed("de_chunk_statistics", de._chunk_partial, de_block, codes, st.umi_count[:n_de], 4)
     out["seconds"] = times

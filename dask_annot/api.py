@@ -24,7 +24,7 @@ import numpy as np
 
 from .cli import example_path
 from .errors import ConfigError, InputFormatError, InputNotFoundError
-from .reference import build_reference
+from .build import build_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd

@@ -59,7 +59,7 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
 
 
 def _cmd_build_reference(a: argparse.Namespace) -> int:
-    from .reference import build_reference
+    from .build import build_reference
 
     out = build_reference(
         a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
@@ -107,9 +107,9 @@ def _cmd_models(a: argparse.Namespace) -> int:
 
 
 def _cmd_summary(a: argparse.Namespace) -> int:
-    from . import summary
+    from . import pipeline
 
-    print(summary.rebuild(a.model_dir))
+    print(pipeline.rebuild_summary(a.model_dir))
     return 0
 
 

@@ -34,7 +34,8 @@ import numba
 import numpy as np
 
 from . import store
-from .normalize import _log_normalize_block, clipped_zscore, gene_moments, mean_var
+from .build import pca_loadings, select_hvg
+from .normalize import log_normalize_block, clipped_zscore, gene_moments, mean_var
 
 BLOCK_CELLS = 16_384
 N_HVG = 1000
@@ -57,7 +58,7 @@ def _blocks(n: int) -> list[tuple[int, int]]:
 
 
 def _logn(path: str, start: int, stop: int, n_features: int, umi: np.ndarray):
-    return _log_normalize_block(store._read_block(path, start, stop, n_features), umi, 1e4)
+    return log_normalize_block(store.read_block(path, start, stop, n_features), umi, 1e4)
 
 
 def _stats_block(path, start, stop, n_features, umi):
@@ -85,8 +86,6 @@ def query_embedding(st: store.StoreInfo) -> np.ndarray | None:
     run on the active scheduler: gene moments, the Gram matrix of the z-scored
     variable genes, the projection.
     """
-    from .reference import _pca_loadings, _select_hvg
-
     n, G, path = st.n_cells, st.n_features, st.path
     blocks = _blocks(n)
     umi = np.asarray(st.umi_count)
@@ -100,7 +99,7 @@ def query_embedding(st: store.StoreInfo) -> np.ndarray | None:
         s2 += a2
         nexpr += ne
     mean_all, var_all = mean_var(s1, s2, n)
-    hvg = _select_hvg(mean_all, var_all, nexpr, N_HVG)
+    hvg = select_hvg(mean_all, var_all, nexpr, N_HVG)
     if hvg.size < 2:
         return None
     mean = mean_all[hvg]
@@ -115,7 +114,7 @@ def query_embedding(st: store.StoreInfo) -> np.ndarray | None:
         colsum += c
     centre = colsum / n
     cov = gram - n * np.outer(centre, centre)
-    loadings = _pca_loadings(cov, min(N_PCS, hvg.size - 1)).astype(np.float64)
+    loadings = pca_loadings(cov, min(N_PCS, hvg.size - 1)).astype(np.float64)
     parts = [dask.delayed(_project_block, pure=True)(path, a, b, G, umi[a:b], hvg, mean, std, centre, loadings) for a, b in blocks]
     (parts,) = dask.compute(parts)
     return np.concatenate(parts, axis=0)

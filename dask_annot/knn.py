@@ -31,6 +31,13 @@ _SCREEN_MARGIN = 1e-4  # screen below the threshold by this much (float32 dot er
 _F32_DOT_ERROR = 1e-5  # a bound on |float32 BLAS dot - float64 dot| for unit vectors of <= 100 dims
 
 
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), in float64."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
 def neighbor_dtype(k: int) -> np.dtype:
     return np.dtype([("idx", np.int32, (k,)), ("dist", np.float32, (k,))])
 
@@ -129,8 +136,6 @@ def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
     full). The float32 values vary with BLAS tiling and thread count, the result
     does not: it is the float64 top k whatever the chunking, scheduler or BLAS.
     """
-    from .reference import unit_rows
-
     ref64 = np.ascontiguousarray(model.embedding_unit)  # a no-op on the Model's (C-ordered) array
     n_ref = ref64.shape[0]
     k_out, k = k, min(k, n_ref)
@@ -200,8 +205,6 @@ def _sorted_records(idx, dist, k: int) -> np.ndarray:
 
 
 def _ann_block(q: np.ndarray, model, k: int, epsilon: float) -> np.ndarray:
-    from .reference import unit_rows
-
     idx, dist = model.ann_index().query(unit_rows(q).astype(np.float32), k=k, epsilon=epsilon)
     return _sorted_records(idx, dist, k)
 
@@ -250,3 +253,15 @@ def neighbourhood(k: int, n_reference_cells: int) -> tuple[int, str]:
     if k <= cap:
         return k, "as requested"
     return min(k, cap, n_reference_cells), f"small reference: k capped at max(15, 1% of {n_reference_cells} reference cells)"
+
+
+def build_ann_index(embedding: np.ndarray, *, seed: int, n_neighbors: int = 30):
+    """A pynndescent index over the reference embedding, deterministic for a seed."""
+    from pynndescent import NNDescent
+
+    index = NNDescent(
+        unit_rows(embedding).astype(np.float32), metric="euclidean", n_neighbors=n_neighbors,
+        random_state=seed, n_jobs=1, low_memory=True, compressed=False, parallel_batch_queries=False,
+    )
+    index.prepare()
+    return index

@@ -23,7 +23,7 @@ def check_cell_chunked(x: da.Array, stage: str) -> None:
         )
 
 
-def _log_normalize_block(block: sp.csr_matrix, umi: np.ndarray, target_sum: float) -> sp.csr_matrix:
+def log_normalize_block(block: sp.csr_matrix, umi: np.ndarray, target_sum: float) -> sp.csr_matrix:
     """log1p(x / umi * target_sum) per cell; cells with umi 0 stay all zero."""
     umi = np.asarray(umi, dtype=np.float64).ravel()
     scale = np.divide(target_sum, umi, out=np.zeros_like(umi), where=umi > 0)
@@ -60,7 +60,7 @@ def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
     The annotation graph never builds these (see :func:`dask_annot.project.project_counts`);
     they define what the projection computes, and tests and the reference build use them.
     """
-    logn = _log_normalize_block(block, umi, model.target_sum).toarray()
+    logn = log_normalize_block(block, umi, model.target_sum).toarray()
     return clipped_zscore(logn, model.mean, model.std, model.clip).astype(np.float32)
 
 
@@ -68,6 +68,6 @@ def log_normalize(x: da.Array, umi: da.Array, *, target_sum: float = 1e4) -> da.
     """Lazy log-normalized CSR blocks (scaled to ``target_sum``, log1p)."""
     check_cell_chunked(x, "log_normalize")
     return da.map_blocks(
-        _log_normalize_block, x, umi[:, None], target_sum,
+        log_normalize_block, x, umi[:, None], target_sum,
         dtype=np.float64, chunks=x.chunks, meta=sp.csr_matrix((0, 0), dtype=np.float64),
     )

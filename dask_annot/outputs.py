@@ -85,7 +85,7 @@ def cell_types_csv(barcodes: np.ndarray, votes: np.ndarray, umi: np.ndarray, mod
     return buf.getvalue()
 
 
-def _json_block(nbrs: np.ndarray, model, barcodes: np.ndarray) -> bytes:
+def json_block(nbrs: np.ndarray, model, barcodes: np.ndarray) -> bytes:
     """One chunk's cells as gzip-compressed JSON objects joined by commas (a gzip member).
 
     Pure: the driver concatenates the members between ``[`` and ``]``; concatenated

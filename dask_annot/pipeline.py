@@ -401,7 +401,7 @@ def _finish_chunk(nbrs: np.ndarray, emb2: np.ndarray, model: Model, balanced: bo
     vote shares the consensus needs), saved under ``path`` (atomically) so a rerun can reuse them."""
     votes, counts, p0 = vote.vote_with_scores(nbrs, model, balanced)
     extra = {"counts": counts, "p0": p0} if scores else {}
-    member = outputs._json_block(nbrs, model, barcodes)
+    member = outputs.json_block(nbrs, model, barcodes)
     emb2 = np.asarray(emb2, dtype=np.float32)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -485,3 +485,31 @@ def run_de(matrix: str | Path, groups_csv: str | Path, output: str | Path, *, se
     outputs.atomic_write(output, de.format_de_csv(df))
     log(f"wrote {output} ({len(groups)} groups, {st.n_features} genes); timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in timer.stages.items()))
     return output
+
+
+def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = None) -> Path:
+    """Write ``web_summary.html`` again from a finished run's files; returns its path.
+
+    Without ``embedding2d``, the query cells are projected onto the reference again
+    from the run's zarr store (the same stages as the run, so the same coordinates).
+    """
+    import pandas as pd
+
+    from . import summary
+    from .errors import InputNotFoundError
+
+    mdir = Path(model_dir)
+    run_json, csv_path = mdir / "run.json", mdir / "cell_types.csv"
+    for p in (run_json, csv_path):
+        if not p.is_file():
+            raise InputNotFoundError(f"{p}: missing; pass the model directory of a finished run "
+                                     "(OUTPUT_DIR/ID/outs/segmented_outs/cell_types/MODEL)")
+    record = json.loads(run_json.read_text())
+    cell_types = summary.read_cell_types(csv_path)
+    de_path = mdir / "cell_annotation_differential_expression.csv"
+    de = pd.read_csv(de_path, keep_default_na=False, na_values=["NaN"]) if de_path.is_file() else None
+    if embedding2d is None:
+        embedding2d = reference_pcs(record)
+    out = mdir / summary.FILENAME
+    summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de)
+    return out

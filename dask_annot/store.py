@@ -232,7 +232,7 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
     )
 
 
-def _read_block(path: str, start: int, stop: int, n_features: int) -> sp.csr_matrix:
+def read_block(path: str, start: int, stop: int, n_features: int) -> sp.csr_matrix:
     """Cells ``start:stop`` of a store as CSR (pure: opens the store itself)."""
     root = zarr.open_group(path, mode="r", zarr_format=3)
     indptr = np.asarray(root["X/indptr"][start : stop + 1])
@@ -256,7 +256,7 @@ def counts_array(store: StoreInfo, *, chunk_cells: int) -> da.Array:
     blocks = []
     start = 0
     for size in cell_chunks(store.n_cells, chunk_cells):
-        task = dask.delayed(_read_block, pure=True)(store.path, start, start + size, store.n_features)
+        task = dask.delayed(read_block, pure=True)(store.path, start, start + size, store.n_features)
         blocks.append(da.from_delayed(task, shape=(size, store.n_features), dtype=np.int32, meta=meta))
         start += size
     return da.concatenate(blocks, axis=0)

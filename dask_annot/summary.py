@@ -11,7 +11,7 @@ fetched, so it opens from a file on a machine without network. Its size does not
 grow with the cell count beyond a bound: the scatter draws at most
 :data:`MAX_POINTS` cells (a fixed, seeded subsample) and every distribution is binned.
 
-Rebuild the page of a finished run with ``python -m dask_annot.summary MODEL_DIR``.
+Rebuild the page of a finished run with ``dask-annot summary MODEL_DIR``.
 """
 from __future__ import annotations
 
@@ -128,35 +128,6 @@ def top_markers(de: Any, *, n: int = MARKERS_PER_TYPE, max_adj_p: float = MARKER
         order = ok[np.lexsort((names[ok], padj[ok], -l2[ok], weak))][:n]
         out[g] = pd.DataFrame({"gene": names[order], "feature_id": ids[order], "log2fc": l2[order],
                                "adj_p": padj[order], "mean_counts": mean[order]})
-    return out
-
-
-def rebuild(model_dir: str | os.PathLike, *, embedding2d: np.ndarray | None = None) -> Path:
-    """Write ``web_summary.html`` again from a finished run's files; returns its path.
-
-    Without ``embedding2d``, the query cells are projected onto the reference again
-    from the run's zarr store (the same stages as the run, so the same coordinates).
-    """
-    import pandas as pd
-
-    from .errors import InputNotFoundError
-
-    mdir = Path(model_dir)
-    run_json, csv_path = mdir / "run.json", mdir / "cell_types.csv"
-    for p in (run_json, csv_path):
-        if not p.is_file():
-            raise InputNotFoundError(f"{p}: missing; pass the model directory of a finished run "
-                                     "(OUTPUT_DIR/ID/outs/segmented_outs/cell_types/MODEL)")
-    record = json.loads(run_json.read_text())
-    cell_types = read_cell_types(csv_path)
-    de_path = mdir / "cell_annotation_differential_expression.csv"
-    de = pd.read_csv(de_path, keep_default_na=False, na_values=["NaN"]) if de_path.is_file() else None
-    if embedding2d is None:
-        from .pipeline import reference_pcs
-
-        embedding2d = reference_pcs(record)
-    out = mdir / FILENAME
-    write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de)
     return out
 
 
@@ -749,23 +720,3 @@ document.querySelectorAll('[data-hl]').forEach(function(box){
 })();
 """
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dask_annot.summary MODEL_DIR``: rebuild a finished run's web summary."""
-    import argparse
-
-    from .errors import DaskAnnotError
-
-    p = argparse.ArgumentParser(prog="python -m dask_annot.summary", description="Write web_summary.html again from a finished run's outputs.")
-    p.add_argument("model_dir", help="OUTPUT_DIR/ID/outs/segmented_outs/cell_types/MODEL")
-    a = p.parse_args(argv)
-    try:
-        print(rebuild(a.model_dir))
-    except DaskAnnotError as exc:
-        print(f"dask-annot: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

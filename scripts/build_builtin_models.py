@@ -31,7 +31,7 @@ def main() -> None:
     a = ap.parse_args()
     shared = Path(a.shared) / "data"
     from dask_annot import h5
-    from dask_annot.reference import build_reference
+    from dask_annot.build import build_reference
 
     models = PKG / "data" / "models"
     models.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def test_ann_neighbours_do_not_depend_on_chunking_or_threads():
 
 def _brute_force(q, ref_unit, k):
     """Every reference cell scored (the same fixed-order float64 dot), ordered by (distance, index)."""
-    dots = knn._full_dots(np.ascontiguousarray(reference.unit_rows(np.asarray(q, np.float64))), np.ascontiguousarray(ref_unit))
+    dots = knn._full_dots(np.ascontiguousarray(knn.unit_rows(np.asarray(q, np.float64))), np.ascontiguousarray(ref_unit))
     order = np.lexsort((np.broadcast_to(np.arange(dots.shape[1]), dots.shape), -dots), axis=1)[:, :k]
     return order, np.sqrt(np.maximum(2 - 2 * np.take_along_axis(dots, order, axis=1), 0))
 
@@ -82,7 +82,7 @@ def test_exact_search_is_the_float64_top_k_whatever_the_chunking():
     np.testing.assert_array_equal(runs[0]["idx"], idx)
     np.testing.assert_allclose(runs[0]["dist"], dist.astype(np.float32), rtol=0, atol=0)
     assert set(runs[0]["idx"][2500, :401]) == set([100, *range(30_000, 30_400)])  # all the ties, lowest index first
-    blas = np.sqrt(np.maximum(2 - 2 * reference.unit_rows(q) @ m.embedding_unit.T, 0))
+    blas = np.sqrt(np.maximum(2 - 2 * knn.unit_rows(q) @ m.embedding_unit.T, 0))
     np.testing.assert_allclose(runs[0]["dist"], np.sort(blas, axis=1)[:, :500], atol=1e-6)
 
 
@@ -101,5 +101,5 @@ class TinyRef:
     """What the exact search reads from a reference Model."""
 
     def __init__(self, embedding):
-        self.embedding_unit = reference.unit_rows(np.asarray(embedding, np.float64))
+        self.embedding_unit = knn.unit_rows(np.asarray(embedding, np.float64))
         self.screen_arrays = knn.screen_arrays(self.embedding_unit)

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import dask_annot
-from dask_annot import api, config, pipeline, reference
+from dask_annot import api, build, config, pipeline, reference
 from dask_annot.cli import example_path
 from dask_annot.errors import ConfigError, InputFormatError
 from dask_annot.summary import read_cell_types
@@ -139,7 +139,7 @@ def test_existing_client_gives_the_same_result(local_cluster_client, from_path):
 
 
 def test_build_reference_is_the_reference_builder():
-    assert dask_annot.build_reference is reference.build_reference
+    assert dask_annot.build_reference is build.build_reference
     assert api.example_path() == example_path()
 
 

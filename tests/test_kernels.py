@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from dask_annot import align, knn, normalize, project, vote
 from dask_annot.errors import ConfigError, GeneOverlapError
 from dask_annot.ontology import levels_for
-from dask_annot.reference import unit_rows
+from dask_annot.knn import unit_rows
 
 
 class TinyModel:

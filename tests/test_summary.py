@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dask_annot import summary
+from dask_annot import pipeline, summary
 
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE / "artifacts"
@@ -218,7 +218,7 @@ def demo_run(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     res = pipeline.annotate("demo", example_path(), output_dir=out, settings=config.resolve(), log=lambda m: None)
-    page = summary.rebuild(res.model_dir)
+    page = pipeline.rebuild_summary(res.model_dir)
     return res, page
 
 
@@ -352,8 +352,10 @@ def test_rebuild_of_a_directory_without_a_run_is_a_clear_error(tmp_path):
     from dask_annot.errors import InputNotFoundError
 
     with pytest.raises(InputNotFoundError, match="run.json: missing"):
-        summary.rebuild(tmp_path)
-    assert summary.main([str(tmp_path)]) != 0
+        pipeline.rebuild_summary(tmp_path)
+    from dask_annot.cli import main
+
+    assert main(["summary", str(tmp_path)]) == InputNotFoundError.exit_code
 
 
 @pytest.mark.slow

@@ -1,0 +1,254 @@
+"""Build a reference model from labelled counts (the other half of :mod:`dask_annot.reference`).
+
+The counts are streamed three times (gene statistics; the Gram matrix of the
+z-scored selected genes, whose eigenvectors are the exact PCA loadings; the
+embedding), so memory holds genes x genes plus the cells x PCs embedding,
+whatever the number of cells. The artifact is written to a temporary directory
+and renamed into place when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, h5, knn
+from .errors import ConfigError, InputFormatError
+from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
+from .ontology import CL_RELEASE, levels_for, read_ontology_map
+from .reference import FORMAT, FORMAT_VERSION, MISSING_LABELS
+from .store import file_fingerprint
+
+
+def read_labels(input_path: Path, barcodes: np.ndarray, *, label_column: str, dataset_column: str | None, labels_csv: str | None):
+    import pandas as pd
+
+    if labels_csv:
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+        if "barcode" not in table.columns or label_column not in table.columns:
+            raise ConfigError(f"{labels_csv}: needs columns 'barcode' and '{label_column}', found {list(table.columns)}")
+        table = table.set_index("barcode")
+        missing = ~pd.Index(barcodes.astype(str)).isin(table.index)
+        if missing.any():
+            raise ConfigError(f"{labels_csv}: {int(missing.sum())} barcodes of the matrix have no label row (e.g. {barcodes[missing][0]})")
+        table = table.loc[barcodes.astype(str)]
+        labels = table[label_column].to_numpy(dtype=object)
+        datasets = table[dataset_column].to_numpy(dtype=object) if dataset_column else None
+        return labels, datasets
+    if input_path.suffix != ".h5ad":
+        raise ConfigError(f"{input_path}: a 10x matrix has no labels; pass --labels CSV (barcode,{label_column})")
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(input_path, "r") as h5:
+        def column(col: str) -> np.ndarray:
+            if col not in h5["obs"]:
+                cols = [k for k in h5["obs"].keys() if not k.startswith("_")]
+                raise ConfigError(f"{input_path}: obs has no column '{col}'; columns are {', '.join(cols)}")
+            return np.asarray(read_elem(h5["obs"][col]), dtype=object)
+
+        labels = column(label_column)
+        datasets = column(dataset_column) if dataset_column else None
+    return labels, datasets
+
+
+def select_hvg(mean: np.ndarray, var: np.ndarray, n_cells_expr: np.ndarray, n_top: int) -> np.ndarray:
+    """Highly variable genes: dispersion normalized within 20 mean bins (Seurat-style)."""
+    ok = (mean > 0.0125) & (n_cells_expr >= 3)
+    disp = np.full(mean.shape, -np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        disp[ok] = np.log(var[ok] / mean[ok])
+    edges = np.linspace(mean[ok].min(), mean[ok].max(), 21) if ok.any() else np.array([0.0, 1.0])
+    bins = np.clip(np.digitize(mean, edges[1:-1]), 0, 19)
+    norm = np.full(mean.shape, -np.inf)
+    for b in range(20):
+        m = ok & (bins == b)
+        if not m.any():
+            continue
+        d = disp[m]
+        sd = d.std()
+        norm[m] = (d - d.mean()) / sd if sd > 0 else 0.0
+    order = np.lexsort((np.arange(mean.size), -norm))
+    chosen = order[: min(n_top, int(ok.sum()))]
+    return np.sort(chosen)
+
+
+def pca_loadings(gram: np.ndarray, n_pcs: int) -> np.ndarray:
+    """Top principal axes (genes x PCs) from the Gram matrix, each signed so its largest entry is positive."""
+    import scipy.linalg
+
+    n_pcs = min(n_pcs, gram.shape[0])
+    _, vecs = scipy.linalg.eigh(gram, subset_by_index=(gram.shape[0] - n_pcs, gram.shape[0] - 1))
+    v = vecs[:, ::-1]
+    flip = np.sign(v[np.abs(v).argmax(axis=0), np.arange(n_pcs)])
+    return (v * flip).astype(np.float32)
+
+
+def build_reference(
+    input_path: str | os.PathLike,
+    *,
+    label_column: str,
+    name: str,
+    output: str | os.PathLike,
+    ontology_map: str | os.PathLike | None = None,
+    dataset_column: str | None = None,
+    labels_csv: str | None = None,
+    exclude_labels: tuple[str, ...] = (),
+    species: str | None = None,
+    version: str = "1",
+    n_hvg: int = 1000,
+    n_pcs: int = 30,
+    scale: bool = True,
+    seed: int = 0,
+    knn_method: str = "auto",
+    cells_per_block: int = 20_000,
+) -> Path:
+    """Build a reference directory from labelled raw counts; returns its path.
+
+    Streams the counts three times (gene statistics; the Gram matrix of the
+    z-scored selected genes, whose eigenvectors are the exact PCA loadings;
+    the embedding), so memory holds genes x genes plus the cells x PCs embedding.
+    """
+    input_path, output = Path(input_path), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
+    info = h5.open_matrix(input_path)
+    labels_raw, datasets_raw = read_labels(input_path, info.barcodes, label_column=label_column, dataset_column=dataset_column, labels_csv=labels_csv)
+    labels_str = np.array(["" if v is None else str(v) for v in labels_raw], dtype=object)
+    keep = ~np.isin(labels_str, list(MISSING_LABELS | set(exclude_labels)))
+    if keep.sum() < 10:
+        raise InputFormatError(f"{input_path}: only {int(keep.sum())} labelled cells after exclusions; a reference needs more")
+    omap = read_ontology_map(ontology_map) if ontology_map else {}
+    raw_labels = sorted(set(labels_str[keep].tolist()))
+    unmapped = [lab for lab in raw_labels if omap and lab not in omap]
+    if unmapped:
+        raise ConfigError(f"{ontology_map}: no ontology id for label(s) {', '.join(map(repr, unmapped))}; add rows label,ontology_id")
+    raw_levels = {lab: levels_for(lab, omap.get(lab)) for lab in raw_labels}
+    fine_names = sorted({lv.fine for lv in raw_levels.values()})
+    fine_code = {f: i for i, f in enumerate(fine_names)}
+    levels_by_fine = {lv.fine: lv for lv in raw_levels.values()}
+
+    keep_idx = np.flatnonzero(keep)
+    # pass 1: per-gene sums of log-normalized values over kept cells
+    G = info.n_features
+    s1 = np.zeros(G)
+    s2 = np.zeros(G)
+    nexpr = np.zeros(G, dtype=np.int64)
+    blocks = []
+    for start in range(0, info.n_cells, cells_per_block):
+        stop = min(start + cells_per_block, info.n_cells)
+        sel = keep_idx[(keep_idx >= start) & (keep_idx < stop)] - start
+        if sel.size == 0:
+            continue
+        block = h5.read_cells(info, start, stop)[sel]
+        umi = np.asarray(block.sum(axis=1)).ravel()
+        b1, b2, bn = gene_moments(log_normalize_block(block, umi, 1e4))
+        s1 += b1
+        s2 += b2
+        nexpr += bn
+        blocks.append((start, stop, sel))
+    n = keep_idx.size
+    mean_all, var_all = mean_var(s1, s2, n)
+    hvg = select_hvg(mean_all, var_all, nexpr, n_hvg)
+    mean = mean_all[hvg]
+    std = np.sqrt(var_all[hvg]) if scale else np.ones(hvg.size)
+    std[std == 0] = 1.0
+
+    def z_blocks():
+        for start, stop, sel in blocks:
+            block = h5.read_cells(info, start, stop)[sel]
+            umi = np.asarray(block.sum(axis=1)).ravel()
+            logn = log_normalize_block(block[:, hvg], umi, 1e4).toarray()
+            yield clipped_zscore(logn, mean, std, 10.0)
+
+    # pass 2: the genes x genes Gram matrix of the z-scores; its eigenvectors are the
+    # PCA loadings (exact, and only genes x genes is ever held, whatever the cell count)
+    gram = np.zeros((hvg.size, hvg.size))
+    for zb in z_blocks():
+        gram += zb.T @ zb
+    loadings = pca_loadings(gram, n_pcs)
+    # pass 3: the embedding of every reference cell
+    embedding = np.concatenate([(zb @ loadings.astype(np.float64)).astype(np.float32) for zb in z_blocks()], axis=0)
+
+    label_codes = np.array([fine_code[raw_levels[lab].fine] for lab in labels_str[keep_idx]], dtype=np.int32)
+    if datasets_raw is not None:
+        ds_str = np.array([str(v) for v in datasets_raw[keep_idx]], dtype=object)
+        datasets = sorted(set(ds_str.tolist()))
+        ds_code = {d: i for i, d in enumerate(datasets)}
+        dataset_codes = np.array([ds_code[d] for d in ds_str], dtype=np.int32)
+    else:
+        datasets = [name]
+        dataset_codes = np.zeros(n, dtype=np.int32)
+    method = knn.choose_method(n, knn_method)
+    knn_meta = {"method": method, "seed": seed, "n_neighbors": 30, "epsilon": 0.2}
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        np.savez(
+            tmp / "arrays.npz",
+            gene_ids=np.asarray(info.feature_ids[hvg], dtype=str), gene_names=np.asarray(info.feature_names[hvg], dtype=str),
+            mean=mean, std=std, loadings=loadings, embedding=embedding, label_codes=label_codes, dataset_codes=dataset_codes,
+        )
+        checksums = {"arrays.npz": _sha256_of(tmp / "arrays.npz")}
+        if method == "ann":
+            index = knn.build_ann_index(embedding, seed=seed, n_neighbors=knn_meta["n_neighbors"])
+            with open(tmp / "index.pkl", "wb") as fh:
+                pickle.dump(index, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            checksums["index.pkl"] = _sha256_of(tmp / "index.pkl")
+        class_sizes = np.bincount(label_codes, minlength=len(fine_names))
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "version": version,
+            "species": species or guess_species(info.feature_ids, info.feature_names),
+            "created_by": f"dask-annot {__version__}",
+            "source": {"file": input_path.name, "label_column": label_column, "dataset_column": dataset_column,
+                       "excluded_labels": sorted(set(exclude_labels)), "n_cells_input": info.n_cells,
+                       "n_cells_excluded": int(info.n_cells - n), **file_fingerprint(input_path)},
+            "n_cells": int(n),
+            "n_genes": int(hvg.size),
+            "n_pcs": int(loadings.shape[1]),
+            "normalization": {"target_sum": 1e4, "log1p": True, "zscore": "reference mean/std (population)" if scale else "reference mean (centred, not scaled)", "clip": 10.0,
+                              "hvg": {"flavor": "dispersion normalized in 20 mean bins", "n_top": n_hvg}},
+            "labels": fine_names,
+            "label_counts": {f: int(c) for f, c in zip(fine_names, class_sizes)},
+            "levels": [vars(levels_by_fine[f]) | {} for f in fine_names],
+            "input_labels": {lab: raw_levels[lab].fine for lab in raw_labels},
+            "ontology": {"release": CL_RELEASE, "mapped": bool(omap)},
+            "datasets": list(datasets),
+            "knn": knn_meta,
+            "checksums": checksums,
+        }
+        (tmp / "reference.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _sha256_of(p: Path) -> str:
+    return file_fingerprint(p)["sha256"]
+
+
+def guess_species(ids: np.ndarray, names: np.ndarray) -> str:
+    ids = np.asarray(ids, dtype=str)
+    if np.mean([x.startswith("ENSMUSG") for x in ids[:1000]]) > 0.5:
+        return "mouse"
+    if np.mean([x.startswith("ENSG") for x in ids[:1000]]) > 0.5:
+        return "human"
+    names = np.asarray(names, dtype=str)
+    alpha = [x for x in names[:5000] if x[:1].isalpha() and len(x) > 2]
+    if not alpha:
+        return "unknown"
+    upper = np.mean([x == x.upper() for x in alpha])
+    return "human" if upper > 0.8 else ("mouse" if upper < 0.3 else "unknown")
