@@ -38,6 +38,7 @@ class Alignment:
     matched_by: str
     n_reference_genes: int
     n_query_genes: int
+    required: np.ndarray | None = None  # the reference genes the overlap check is about (e.g. the PCA's genes)
 
     @property
     def n_shared(self) -> int:
@@ -56,14 +57,32 @@ class Alignment:
             shape=(self.n_query_genes, self.n_reference_genes),
         )
 
+    @property
+    def n_required(self) -> int:
+        return self.n_reference_genes if self.required is None else int(self.required.size)
+
+    @property
+    def n_required_shared(self) -> int:
+        if self.required is None:
+            return self.n_shared
+        return int(np.count_nonzero(self.query_index[self.required] >= 0))
+
+    @property
+    def required_fraction(self) -> float:
+        return self.n_required_shared / max(1, self.n_required)
+
     def record(self) -> dict:
-        return {
+        out = {
             "matched_by": self.matched_by,
             "reference_genes": self.n_reference_genes,
             "query_genes": self.n_query_genes,
             "shared_genes": self.n_shared,
             "shared_fraction": round(self.fraction, 6),
         }
+        if self.required is not None:
+            out.update(model_genes=self.n_required, model_genes_shared=self.n_required_shared,
+                       model_genes_shared_fraction=round(self.required_fraction, 6))
+        return out
 
 
 def _first_index(names: np.ndarray) -> dict[str, int]:
@@ -74,8 +93,13 @@ def _first_index(names: np.ndarray) -> dict[str, int]:
     return out
 
 
-def align_genes(*, query_ids, query_names, ref_ids, ref_names, source: str = "query", reference: str = "reference") -> Alignment:
-    """Match reference genes to query genes, refusing a meaningless overlap."""
+def align_genes(*, query_ids, query_names, ref_ids, ref_names, source: str = "query", reference: str = "reference",
+                required: np.ndarray | None = None) -> Alignment:
+    """Match reference genes to query genes, refusing a meaningless overlap.
+
+    ``required``: indices of the reference genes the model cannot do without (a kNN
+    model's PCA genes within its universe); the overlap check is about those.
+    """
     by_id = looks_like_ensembl(query_ids) and looks_like_ensembl(ref_ids)
     if by_id:
         strip = lambda xs: np.array([str(x).split(".")[0] for x in xs])  # noqa: E731 (drop version suffixes)
@@ -83,10 +107,11 @@ def align_genes(*, query_ids, query_names, ref_ids, ref_names, source: str = "qu
     else:
         lookup, keys, how = _first_index(query_names), np.asarray(ref_names, dtype=str), "symbol"
     idx = np.array([lookup.get(k, -1) for k in keys], dtype=np.int64)
-    al = Alignment(query_index=idx, matched_by=how, n_reference_genes=len(keys), n_query_genes=len(query_names))
-    if al.n_shared < MIN_SHARED_GENES or al.fraction < MIN_SHARED_FRACTION:
+    req = None if required is None else np.asarray(required, dtype=np.int64)
+    al = Alignment(query_index=idx, matched_by=how, n_reference_genes=len(keys), n_query_genes=len(query_names), required=req)
+    if al.n_required_shared < MIN_SHARED_GENES or al.required_fraction < MIN_SHARED_FRACTION:
         raise GeneOverlapError(
-            f"{source}: only {al.n_shared} of the {al.n_reference_genes} genes of {reference} are present "
+            f"{source}: only {al.n_required_shared} of the {al.n_required} genes of {reference} are present "
             f"(matched by {how.replace('_', ' ')}); at least {MIN_SHARED_GENES} and {MIN_SHARED_FRACTION:.0%} are needed. "
             "Check that the species matches the model and that the matrix holds all genes, or choose another --cell-annotation-model"
         )

@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,132 @@ def pca_loadings(gram: np.ndarray, n_pcs: int) -> np.ndarray:
     return (v * flip).astype(np.float32)
 
 
+@dataclass
+class LabelledCells:
+    """The labelled cells a reference is built from: where they are, which to keep, their labels.
+
+    ``read(start, stop)`` gives raw counts of input cells ``start:stop`` (CSR, cells x
+    ``gene_ids``); ``keep`` marks the cells that go into the reference (labelled, not
+    excluded); ``labels`` / ``datasets`` are per input cell (text).
+    """
+
+    info: h5.MatrixInfo
+    labels: np.ndarray
+    datasets: np.ndarray | None
+    keep: np.ndarray
+    provenance: dict
+
+    @property
+    def gene_ids(self) -> np.ndarray:
+        return np.asarray(self.info.feature_ids, dtype=str)
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        return np.asarray(self.info.feature_names, dtype=str)
+
+    def read(self, start: int, stop: int):
+        return h5.read_cells(self.info, start, stop)
+
+    def kept_blocks(self, cells_per_block: int):
+        """(start, stop, rows kept within the block) for every block holding a kept cell."""
+        keep_idx = np.flatnonzero(self.keep)
+        for start in range(0, self.info.n_cells, cells_per_block):
+            stop = min(start + cells_per_block, self.info.n_cells)
+            sel = keep_idx[(keep_idx >= start) & (keep_idx < stop)] - start
+            if sel.size:
+                yield start, stop, sel
+
+
+def open_labelled_cells(input_path: Path, *, label_column: str, dataset_column: str | None, labels_csv: str | None,
+                        exclude_labels: tuple[str, ...]) -> LabelledCells:
+    """Open the input matrix and its labels; refuse one with too few labelled cells."""
+    info = h5.open_matrix(input_path)
+    labels_raw, datasets_raw = read_labels(input_path, info.barcodes, label_column=label_column, dataset_column=dataset_column, labels_csv=labels_csv)
+    labels = np.array(["" if v is None else str(v) for v in labels_raw], dtype=object)
+    keep = ~np.isin(labels, list(MISSING_LABELS | set(exclude_labels)))
+    if keep.sum() < 10:
+        raise InputFormatError(f"{input_path}: only {int(keep.sum())} labelled cells after exclusions; a reference needs more")
+    datasets = np.array([str(v) for v in datasets_raw], dtype=object) if datasets_raw is not None else None
+    provenance = {"file": input_path.name, "label_column": label_column, "dataset_column": dataset_column,
+                  "excluded_labels": sorted(set(exclude_labels)), "n_cells_input": info.n_cells,
+                  "n_cells_excluded": int(info.n_cells - keep.sum()), **file_fingerprint(input_path)}
+    return LabelledCells(info=info, labels=labels, datasets=datasets, keep=keep, provenance=provenance)
+
+
+@dataclass
+class GeneStatistics:
+    """Pass 1: per gene of the universe, moments of the log-normalized values over kept cells."""
+
+    s1: np.ndarray
+    s2: np.ndarray
+    n_expressing: np.ndarray
+    n_cells: int
+
+
+def _gene_pass(cells: LabelledCells, cells_per_block: int, target_sum: float) -> GeneStatistics:
+    G = cells.gene_ids.size
+    s1, s2 = np.zeros(G), np.zeros(G)
+    nexpr = np.zeros(G, dtype=np.int64)
+    n = 0
+    for start, stop, sel in cells.kept_blocks(cells_per_block):
+        block = cells.read(start, stop)[sel]
+        umi = np.asarray(block.sum(axis=1)).ravel()
+        b1, b2, bn = gene_moments(log_normalize_block(block, umi, target_sum))
+        s1 += b1
+        s2 += b2
+        nexpr += bn
+        n += sel.size
+    return GeneStatistics(s1=s1, s2=s2, n_expressing=nexpr, n_cells=n)
+
+
+def _z_blocks(cells: LabelledCells, cells_per_block: int, hvg: np.ndarray, mean: np.ndarray, std: np.ndarray,
+              target_sum: float, clip: float):
+    """Clipped z-scores of the selected genes, block by block; each cell is scaled by its
+    total over the whole universe (as queries are, see :mod:`dask_annot.normalize`)."""
+    for start, stop, sel in cells.kept_blocks(cells_per_block):
+        block = cells.read(start, stop)[sel]
+        umi = np.asarray(block.sum(axis=1)).ravel()
+        logn = log_normalize_block(block[:, hvg], umi, target_sum).toarray()
+        yield clipped_zscore(logn, mean, std, clip)
+
+
+def _label_table(cells: LabelledCells, ontology_map) -> tuple[list[str], dict, dict]:
+    """Fine label names (sorted), raw label -> Levels, and fine name -> Levels."""
+    omap = read_ontology_map(ontology_map) if ontology_map else {}
+    raw_labels = sorted(set(cells.labels[cells.keep].tolist()))
+    unmapped = [lab for lab in raw_labels if omap and lab not in omap]
+    if unmapped:
+        raise ConfigError(f"{ontology_map}: no ontology id for label(s) {', '.join(map(repr, unmapped))}; add rows label,ontology_id")
+    raw_levels = {lab: levels_for(lab, omap.get(lab)) for lab in raw_labels}
+    fine_names = sorted({lv.fine for lv in raw_levels.values()})
+    return fine_names, raw_levels, {lv.fine: lv for lv in raw_levels.values()}
+
+
+def _write_artifact(output: Path, arrays: dict[str, np.ndarray], meta: dict, *, extra_files=None) -> Path:
+    """Write arrays.npz, any extra files (name -> writer(path)) and reference.json into a
+    temporary directory beside ``output``, with checksums, then rename it into place."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a reference is meant to be shared
+    try:
+        np.savez_compressed(tmp / "arrays.npz", **arrays)
+        checksums = {"arrays.npz": _sha256_of(tmp / "arrays.npz")}
+        for fname, writer in (extra_files or {}).items():
+            writer(tmp / fname)
+            checksums[fname] = _sha256_of(tmp / fname)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "checksums": checksums}
+        (tmp / "reference.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
 def build_reference(
     input_path: str | os.PathLike,
     *,
@@ -108,76 +235,45 @@ def build_reference(
     knn_method: str = "auto",
     cells_per_block: int = 20_000,
 ) -> Path:
-    """Build a reference directory from labelled raw counts; returns its path.
+    """Build a kNN reference directory from labelled raw counts; returns its path.
 
     Streams the counts three times (gene statistics; the Gram matrix of the
     z-scored selected genes, whose eigenvectors are the exact PCA loadings;
     the embedding), so memory holds genes x genes plus the cells x PCs embedding.
+    The input's whole gene list is kept as the reference's gene universe: a query
+    is scaled by its total over the same genes (see :mod:`dask_annot.normalize`).
     """
     input_path, output = Path(input_path), Path(output)
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
-    info = h5.open_matrix(input_path)
-    labels_raw, datasets_raw = read_labels(input_path, info.barcodes, label_column=label_column, dataset_column=dataset_column, labels_csv=labels_csv)
-    labels_str = np.array(["" if v is None else str(v) for v in labels_raw], dtype=object)
-    keep = ~np.isin(labels_str, list(MISSING_LABELS | set(exclude_labels)))
-    if keep.sum() < 10:
-        raise InputFormatError(f"{input_path}: only {int(keep.sum())} labelled cells after exclusions; a reference needs more")
-    omap = read_ontology_map(ontology_map) if ontology_map else {}
-    raw_labels = sorted(set(labels_str[keep].tolist()))
-    unmapped = [lab for lab in raw_labels if omap and lab not in omap]
-    if unmapped:
-        raise ConfigError(f"{ontology_map}: no ontology id for label(s) {', '.join(map(repr, unmapped))}; add rows label,ontology_id")
-    raw_levels = {lab: levels_for(lab, omap.get(lab)) for lab in raw_labels}
-    fine_names = sorted({lv.fine for lv in raw_levels.values()})
+    target_sum, clip = 1e4, 10.0
+    cells = open_labelled_cells(input_path, label_column=label_column, dataset_column=dataset_column,
+                                labels_csv=labels_csv, exclude_labels=exclude_labels)
+    fine_names, raw_levels, levels_by_fine = _label_table(cells, ontology_map)
     fine_code = {f: i for i, f in enumerate(fine_names)}
-    levels_by_fine = {lv.fine: lv for lv in raw_levels.values()}
 
-    keep_idx = np.flatnonzero(keep)
-    # pass 1: per-gene sums of log-normalized values over kept cells
-    G = info.n_features
-    s1 = np.zeros(G)
-    s2 = np.zeros(G)
-    nexpr = np.zeros(G, dtype=np.int64)
-    blocks = []
-    for start in range(0, info.n_cells, cells_per_block):
-        stop = min(start + cells_per_block, info.n_cells)
-        sel = keep_idx[(keep_idx >= start) & (keep_idx < stop)] - start
-        if sel.size == 0:
-            continue
-        block = h5.read_cells(info, start, stop)[sel]
-        umi = np.asarray(block.sum(axis=1)).ravel()
-        b1, b2, bn = gene_moments(log_normalize_block(block, umi, 1e4))
-        s1 += b1
-        s2 += b2
-        nexpr += bn
-        blocks.append((start, stop, sel))
-    n = keep_idx.size
-    mean_all, var_all = mean_var(s1, s2, n)
-    hvg = select_hvg(mean_all, var_all, nexpr, n_hvg)
+    # pass 1: gene statistics -> highly variable genes and their mean / std
+    stats = _gene_pass(cells, cells_per_block, target_sum)
+    n = stats.n_cells
+    mean_all, var_all = mean_var(stats.s1, stats.s2, n)
+    hvg = select_hvg(mean_all, var_all, stats.n_expressing, n_hvg)
     mean = mean_all[hvg]
     std = np.sqrt(var_all[hvg]) if scale else np.ones(hvg.size)
     std[std == 0] = 1.0
-
-    def z_blocks():
-        for start, stop, sel in blocks:
-            block = h5.read_cells(info, start, stop)[sel]
-            umi = np.asarray(block.sum(axis=1)).ravel()
-            logn = log_normalize_block(block[:, hvg], umi, 1e4).toarray()
-            yield clipped_zscore(logn, mean, std, 10.0)
-
     # pass 2: the genes x genes Gram matrix of the z-scores; its eigenvectors are the
     # PCA loadings (exact, and only genes x genes is ever held, whatever the cell count)
     gram = np.zeros((hvg.size, hvg.size))
-    for zb in z_blocks():
+    for zb in _z_blocks(cells, cells_per_block, hvg, mean, std, target_sum, clip):
         gram += zb.T @ zb
     loadings = pca_loadings(gram, n_pcs)
     # pass 3: the embedding of every reference cell
-    embedding = np.concatenate([(zb @ loadings.astype(np.float64)).astype(np.float32) for zb in z_blocks()], axis=0)
+    w = loadings.astype(np.float64)
+    embedding = np.concatenate([(zb @ w).astype(np.float32) for zb in _z_blocks(cells, cells_per_block, hvg, mean, std, target_sum, clip)], axis=0)
 
-    label_codes = np.array([fine_code[raw_levels[lab].fine] for lab in labels_str[keep_idx]], dtype=np.int32)
-    if datasets_raw is not None:
-        ds_str = np.array([str(v) for v in datasets_raw[keep_idx]], dtype=object)
+    kept_labels = cells.labels[cells.keep]
+    label_codes = np.array([fine_code[raw_levels[lab].fine] for lab in kept_labels], dtype=np.int32)
+    if cells.datasets is not None:
+        ds_str = cells.datasets[cells.keep]
         datasets = sorted(set(ds_str.tolist()))
         ds_code = {d: i for i, d in enumerate(datasets)}
         dataset_codes = np.array([ds_code[d] for d in ds_str], dtype=np.int32)
@@ -186,54 +282,42 @@ def build_reference(
         dataset_codes = np.zeros(n, dtype=np.int32)
     method = knn.choose_method(n, knn_method)
     knn_meta = {"method": method, "seed": seed, "n_neighbors": 30, "epsilon": 0.2}
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        np.savez(
-            tmp / "arrays.npz",
-            gene_ids=np.asarray(info.feature_ids[hvg], dtype=str), gene_names=np.asarray(info.feature_names[hvg], dtype=str),
-            mean=mean, std=std, loadings=loadings, embedding=embedding, label_codes=label_codes, dataset_codes=dataset_codes,
-        )
-        checksums = {"arrays.npz": _sha256_of(tmp / "arrays.npz")}
-        if method == "ann":
+    extra_files = {}
+    if method == "ann":
+        def write_index(path: Path) -> None:
             index = knn.build_ann_index(embedding, seed=seed, n_neighbors=knn_meta["n_neighbors"])
-            with open(tmp / "index.pkl", "wb") as fh:
+            with open(path, "wb") as fh:
                 pickle.dump(index, fh, protocol=pickle.HIGHEST_PROTOCOL)
-            checksums["index.pkl"] = _sha256_of(tmp / "index.pkl")
-        class_sizes = np.bincount(label_codes, minlength=len(fine_names))
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "name": name,
-            "version": version,
-            "species": species or guess_species(info.feature_ids, info.feature_names),
-            "created_by": f"dask-annot {__version__}",
-            "source": {"file": input_path.name, "label_column": label_column, "dataset_column": dataset_column,
-                       "excluded_labels": sorted(set(exclude_labels)), "n_cells_input": info.n_cells,
-                       "n_cells_excluded": int(info.n_cells - n), **file_fingerprint(input_path)},
-            "n_cells": int(n),
-            "n_genes": int(hvg.size),
-            "n_pcs": int(loadings.shape[1]),
-            "normalization": {"target_sum": 1e4, "log1p": True, "zscore": "reference mean/std (population)" if scale else "reference mean (centred, not scaled)", "clip": 10.0,
-                              "hvg": {"flavor": "dispersion normalized in 20 mean bins", "n_top": n_hvg}},
-            "labels": fine_names,
-            "label_counts": {f: int(c) for f, c in zip(fine_names, class_sizes)},
-            "levels": [vars(levels_by_fine[f]) | {} for f in fine_names],
-            "input_labels": {lab: raw_levels[lab].fine for lab in raw_labels},
-            "ontology": {"release": CL_RELEASE, "mapped": bool(omap)},
-            "datasets": list(datasets),
-            "knn": knn_meta,
-            "checksums": checksums,
-        }
-        (tmp / "reference.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
+        extra_files["index.pkl"] = write_index
+
+    arrays = dict(
+        universe_ids=cells.gene_ids, universe_names=cells.gene_names, hvg_index=hvg.astype(np.int64),
+        mean=mean, std=std, loadings=loadings, embedding=embedding, label_codes=label_codes, dataset_codes=dataset_codes,
+    )
+    class_sizes = np.bincount(label_codes, minlength=len(fine_names))
+    meta = {
+        "kind": "knn",
+        "name": name,
+        "version": version,
+        "species": species or guess_species(cells.gene_ids, cells.gene_names),
+        "created_by": f"dask-annot {__version__}",
+        "source": cells.provenance,
+        "n_cells": int(n),
+        "n_genes": int(hvg.size),
+        "n_universe_genes": int(cells.gene_ids.size),
+        "n_pcs": int(loadings.shape[1]),
+        "normalization": {"target_sum": target_sum, "log1p": True, "size": "each cell's total over the reference's gene universe",
+                          "zscore": "reference mean/std (population)" if scale else "reference mean (centred, not scaled)", "clip": clip,
+                          "hvg": {"flavor": "dispersion normalized in 20 mean bins", "n_top": n_hvg}},
+        "labels": fine_names,
+        "label_counts": {f: int(c) for f, c in zip(fine_names, class_sizes)},
+        "levels": [vars(levels_by_fine[f]) | {} for f in fine_names],
+        "input_labels": {lab: raw_levels[lab].fine for lab in raw_levels},
+        "ontology": {"release": CL_RELEASE, "mapped": any(lv.ontology_id for lv in raw_levels.values())},
+        "datasets": list(datasets),
+        "knn": knn_meta,
+    }
+    return _write_artifact(output, arrays, meta, extra_files=extra_files)
 
 
 def _sha256_of(p: Path) -> str:

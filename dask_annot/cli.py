@@ -90,12 +90,12 @@ def _cmd_de(a: argparse.Namespace) -> int:
 
 
 def _cmd_models(a: argparse.Namespace) -> int:
-    from .reference import builtin_models, load_reference
+    from .models import builtin_models, load_model
 
     rows = []
     paths = [(n, p, "built-in") for n, p in builtin_models().items()] + [(Path(p).name, Path(p), "user") for p in a.paths]
     for name, path, kind in paths:
-        m = load_reference(path)
+        m = load_model(path)
         rows.append({"name": m.name, "kind": kind, "species": m.species, "cells": m.n_cells, "version": m.version,
                      "labels": list(m.labels), "path": str(path)})
     if a.json:

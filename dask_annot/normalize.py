@@ -1,9 +1,11 @@
 """Normalization: counts -> log1p(counts scaled to 10,000) -> the reference's z-score.
 
 The query is normalized exactly as the reference was: each cell is scaled by its
-``umi_count`` (the Gene Expression total over all of the input's genes, not only
-the reference genes), log1p-transformed, then centred and scaled per gene with
-the reference's mean and standard deviation, clipped at ``clip``.
+total over the reference's gene universe (every gene of the reference's input; the
+reference's own cells were scaled by their totals over the same genes), log1p-
+transformed, then centred and scaled per gene with the reference's mean and standard
+deviation, clipped at ``clip``. ``umi_count`` in the outputs stays the total over
+all of the query's Gene Expression features, as 10x reports it.
 """
 from __future__ import annotations
 
@@ -62,6 +64,24 @@ def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
     """
     logn = log_normalize_block(block, umi, model.target_sum).toarray()
     return clipped_zscore(logn, model.mean, model.std, model.clip).astype(np.float32)
+
+
+def _log_normalize_columns_block(block: sp.csr_matrix, columns: np.ndarray, target_sum: float) -> sp.csr_matrix:
+    """Each cell scaled by its total over ALL columns of ``block``; only ``columns`` kept."""
+    block = sp.csr_matrix(block)
+    totals = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+    return log_normalize_block(block[:, columns], totals, target_sum)
+
+
+def log_normalize_columns(x: da.Array, columns: np.ndarray, *, target_sum: float = 1e4) -> da.Array:
+    """Lazy log-normalized CSR blocks of ``columns`` of ``x``, each cell scaled by its total
+    over every column of ``x`` (``x``: counts aligned to a reference's gene universe)."""
+    check_cell_chunked(x, "log_normalize_columns")
+    columns = np.asarray(columns, dtype=np.int64)
+    return da.map_blocks(
+        _log_normalize_columns_block, x, columns, target_sum,
+        dtype=np.float64, chunks=(x.chunks[0], (columns.size,)), meta=sp.csr_matrix((0, 0), dtype=np.float64),
+    )
 
 
 def log_normalize(x: da.Array, umi: da.Array, *, target_sum: float = 1e4) -> da.Array:

@@ -21,8 +21,9 @@ import numpy as np
 
 from . import __version__, align, consensus, h5, knn, normalize, outputs, project, store, vote
 from .config import Settings
-from .errors import ConfigError, DaskAnnotError, OutputError, TooFewCellsError
-from .reference import Model, builtin_models, load_reference, resolve_model
+from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
+from .models import builtin_models, load_model, model_kind, resolve_model
+from .reference import Model, load_reference
 
 DE_CHUNK_CELLS = 16_384  # fixed, so DE sums (and so its digits) never depend on --chunk-cells
 
@@ -77,14 +78,14 @@ def _versions() -> dict:
 
 
 def embedding(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cells: int, model_d=None):
-    """Lazy reference-PCA coordinates of every cell (cells x PCs, float32): align,
-    log-normalize, then the sparse form of z-score + projection."""
+    """Lazy reference-PCA coordinates of every cell (cells x PCs, float32): align to the
+    reference's gene universe, log-normalize by the universe total, then the sparse form
+    of z-score + projection of the selected genes."""
     model_d = model_d if model_d is not None else dask.delayed(mdl, pure=True, traverse=False)
-    proj = project.projection_matrix(mdl.loadings, al.query_index >= 0)
+    proj = project.projection_matrix(mdl.loadings, al.query_index[mdl.hvg_index] >= 0)
     terms_d = dask.delayed(project.projection_terms(proj, mdl.mean, mdl.std), pure=True, traverse=False)
     X = store.counts_array(st, chunk_cells=chunk_cells)
-    umi = store.umi_array(st, chunk_cells=chunk_cells)
-    logn = normalize.log_normalize(align.align(X, al), umi, target_sum=mdl.target_sum)
+    logn = normalize.log_normalize_columns(align.align(X, al), mdl.hvg_index, target_sum=mdl.target_sum)
     return project.project_counts(logn, terms_d, model_d, n_pcs=mdl.n_pcs)
 
 
@@ -98,37 +99,40 @@ def reference_pcs(record: dict, *, n_pcs: int = 2, client=None) -> np.ndarray:
         raise InputNotFoundError(f"{store_path}: the run's zarr store is gone; run annotate again to rebuild it")
     st = store.open_store(store_path)
     mdl = load_reference(record["reference"]["path"])
-    al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=mdl.gene_ids,
-                           ref_names=mdl.gene_names, source=str(store_path), reference=f"model '{mdl.name}'")
+    al = align_to_model(st, mdl, source=str(store_path))
     chunk = int((record.get("parameters") or {}).get("chunk_cells") or 10_000)
     emb = embedding(st, mdl, al, chunk_cells=chunk)[:, :n_pcs]
     (out,) = dask.compute(emb, scheduler=client if client is not None else "threads")
     return np.asarray(out, dtype=np.float32)
 
 
+def align_to_model(st: store.StoreInfo, model, *, source: str | None = None) -> align.Alignment:
+    """The query's genes onto a kNN model's gene universe; the overlap check is about its PCA genes."""
+    return align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=model.universe_ids,
+                             ref_names=model.universe_names, source=source or st.source.get("path", st.path),
+                             reference=f"model '{model.name}'", required=model.hvg_index)
+
+
 def choose_model(spec: str, st: store.StoreInfo) -> tuple[Model, align.Alignment, dict]:
-    """The model named by ``spec``; ``auto`` takes the built-in model sharing most genes."""
+    """The model named by ``spec``; ``auto`` takes the built-in kNN model sharing most genes."""
     if spec != "auto":
         model = resolve_model(spec)
-        al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=model.gene_ids,
-                               ref_names=model.gene_names, source=st.source.get("path", st.path), reference=f"model '{model.name}'")
-        return model, al, {"requested": spec}
+        return model, align_to_model(st, model), {"requested": spec}
     tried = {}
     best = None
     for name, path in builtin_models().items():
-        model = load_reference(path)
+        if model_kind(path) != "knn":
+            continue
+        model = load_model(path)
         try:
-            al = align.align_genes(query_ids=st.feature_ids, query_names=st.feature_names, ref_ids=model.gene_ids,
-                                   ref_names=model.gene_names, source="query", reference=name)
-        except Exception:
+            al = align_to_model(st, model, source="query")
+        except GeneOverlapError:
             tried[name] = 0.0
             continue
-        tried[name] = al.fraction
-        if best is None or al.fraction > best[1].fraction:
+        tried[name] = al.required_fraction
+        if best is None or al.required_fraction > best[1].required_fraction:
             best = (model, al)
     if best is None:
-        from .errors import GeneOverlapError
-
         raise GeneOverlapError(
             f"{st.source.get('path', st.path)}: no built-in model shares enough genes with the matrix "
             f"(shared fractions: {', '.join(f'{k} {v:.0%}' for k, v in tried.items())}); "
@@ -207,7 +211,8 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
     balanced = k_used < settings.k
     spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
     method = knn.choose_method(mdl.n_cells, settings.knn_method)
-    log(f"model {mdl.name} v{mdl.version}: {al.n_shared}/{al.n_reference_genes} genes shared (by {al.matched_by}); "
+    log(f"model {mdl.name} v{mdl.version}: {al.n_required_shared}/{al.n_required} model genes shared "
+        f"({al.n_shared}/{al.n_reference_genes} of its gene universe, by {al.matched_by}); "
         f"k={k_used} ({k_rule}); {method} search" + ("; label spreading over the query's own neighbours" if spread else ""))
     settings = _resolve_scheduler(settings, method, log, n_cells=st.n_cells)
     _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
@@ -292,7 +297,7 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
             "vote": "class-balanced plurality (small reference)" if balanced else "plurality (10x)",
             "consensus": consensus_rec,
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
-            "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_shared < al.n_reference_genes else "none missing",
+            "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
             "knn_method": method, "ann_epsilon": settings.ann_epsilon if method == "ann" else None,
             "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
             "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,

@@ -21,31 +21,34 @@ import pickle
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, ReferenceArtifactError, check_format
+from .errors import ReferenceArtifactError, check_format
 from .knn import build_ann_index, screen_arrays, unit_rows
 from .ontology import Levels
 
 FORMAT = "dask-annot-reference"
-FORMAT_VERSION = 1
-BUILTIN_DIR = "data/models"
+FORMAT_VERSION = 2
 MISSING_LABELS = frozenset({"", "nan", "NaN", "None", "<NA>"})
 
 
 @dataclass(frozen=True, eq=False)
 class Model:
-    """A loaded reference: everything the normalize/project/knn/vote kernels need."""
+    """A loaded kNN reference: everything the normalize/project/knn/vote kernels need.
+
+    ``universe_ids`` / ``universe_names``: every gene of the reference's input (a query is
+    scaled by its total over these); ``hvg_index``: the selected genes (PCA input) in it.
+    """
 
     name: str
     version: str
     species: str
     path: str
-    gene_ids: np.ndarray
-    gene_names: np.ndarray
+    universe_ids: np.ndarray
+    universe_names: np.ndarray
+    hvg_index: np.ndarray
     mean: np.ndarray
     std: np.ndarray
     loadings: np.ndarray
@@ -58,6 +61,17 @@ class Model:
     meta: dict = field(repr=False)
     target_sum: float = 1e4
     clip: float = 10.0
+
+    kind = "knn"
+
+    @property
+    def gene_ids(self) -> np.ndarray:
+        """Ids of the selected genes (the PCA's input), in loading order."""
+        return self.universe_ids[self.hvg_index]
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        return self.universe_names[self.hvg_index]
 
     @property
     def n_cells(self) -> int:
@@ -149,19 +163,9 @@ def _sha256(path: Path) -> str:
     return file_fingerprint(path)["sha256"]
 
 
-def builtin_models() -> dict[str, Path]:
-    """Built-in reference name -> directory inside the installed package."""
-    root = resources.files("dask_annot").joinpath(BUILTIN_DIR)
-    out: dict[str, Path] = {}
-    if root.is_dir():
-        for d in sorted(root.iterdir(), key=lambda x: x.name):
-            if d.joinpath("reference.json").is_file():
-                out[d.name] = Path(str(d))
-    return out
-
-
-def load_reference(path: str | os.PathLike) -> Model:
-    """Load and check a reference directory (format, version, checksums)."""
+def read_artifact(path: str | os.PathLike, *, kind: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """The checked ``reference.json`` and ``arrays.npz`` of a reference directory of any kind
+    (format name and version, checksums of every file it lists; ``kind`` if given)."""
     p = Path(path)
     meta_path = p / "reference.json"
     if not meta_path.is_file():
@@ -175,6 +179,8 @@ def load_reference(path: str | os.PathLike) -> Model:
         raise ReferenceArtifactError(f"{meta_path}: cannot be read as JSON ({exc}); rebuild the reference") from exc
     check_format(meta, format=FORMAT, version=FORMAT_VERSION, where=str(p),
                  remedy="rebuild it with `dask-annot build-reference`", error=ReferenceArtifactError)
+    if kind is not None and meta.get("kind") != kind:
+        raise ReferenceArtifactError(f"{p}: a '{meta.get('kind')}' model, expected a '{kind}' model")
     for name, digest in meta.get("checksums", {}).items():
         f = p / name
         if not f.is_file() or _sha256(f) != digest:
@@ -184,28 +190,22 @@ def load_reference(path: str | os.PathLike) -> Model:
             arrays = {k: z[k] for k in z.files}
     except Exception as exc:
         raise ReferenceArtifactError(f"{p / 'arrays.npz'}: cannot be read ({exc}); rebuild the reference") from exc
+    return meta, arrays
+
+
+def load_reference(path: str | os.PathLike) -> Model:
+    """Load and check a kNN reference directory (format, version, kind, checksums)."""
+    p = Path(path)
+    meta, arrays = read_artifact(p, kind="knn")
     labels = tuple(meta["labels"])
     levels = tuple(Levels(**lv) for lv in meta["levels"])
     norm = meta["normalization"]
     return Model(
         name=meta["name"], version=str(meta["version"]), species=meta.get("species", "unknown"), path=str(p.resolve()),
-        gene_ids=arrays["gene_ids"].astype(object), gene_names=arrays["gene_names"].astype(object),
+        universe_ids=arrays["universe_ids"].astype(object), universe_names=arrays["universe_names"].astype(object),
+        hvg_index=arrays["hvg_index"].astype(np.int64),
         mean=arrays["mean"], std=arrays["std"], loadings=arrays["loadings"], embedding=arrays["embedding"],
         label_codes=arrays["label_codes"], labels=labels, levels=levels,
         dataset_codes=arrays["dataset_codes"], datasets=tuple(meta["datasets"]), meta=meta,
         target_sum=float(norm["target_sum"]), clip=float(norm["clip"]),
-    )
-
-
-def resolve_model(spec: str) -> Model:
-    """A model from a built-in name or a reference directory path."""
-    builtins = builtin_models()
-    if spec in builtins:
-        return load_reference(builtins[spec])
-    p = Path(spec)
-    if p.exists():
-        return load_reference(p)
-    raise ConfigError(
-        f"--cell-annotation-model '{spec}': neither a built-in model ({', '.join(builtins) or 'none installed'}) "
-        "nor a reference directory; use `dask-annot models` to list them"
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dask_annot import align, h5, knn, normalize, project, reference, vote
+from dask_annot import align, h5, knn, models, normalize, project, reference, vote
 
 from .conftest import shared_path
 
@@ -12,7 +12,7 @@ from .conftest import shared_path
 @pytest.mark.slow
 def test_pynndescent_recall_at_k500_on_real_pbmc():
     """pbmc4k cells against the built-in 3,500-cell PBMC reference, k=500: recall >= 0.95, top label >= 0.995."""
-    m = reference.resolve_model("human_pbmc_v1")
+    m = models.resolve_model("human_pbmc_v1")
     info = h5.open_matrix(shared_path("data", "pbmc4k_soupx", "pbmc4k_2170cells_soupx_labels.h5ad"))
     X = h5.read_cells(info, 0, info.n_cells)
     al = align.align_genes(query_ids=info.feature_ids, query_names=info.feature_names, ref_ids=m.gene_ids, ref_names=m.gene_names)
@@ -34,7 +34,7 @@ def test_ann_neighbours_do_not_depend_on_chunking_or_threads():
     import dask
     import dask.array as da
 
-    m = reference.resolve_model("human_pbmc_v1")
+    m = models.resolve_model("human_pbmc_v1")
     rng = np.random.default_rng(1)
     q = m.embedding[rng.integers(0, m.n_cells, 5000)] + rng.normal(size=(5000, m.n_pcs)).astype(np.float32) * 0.5
     runs = []

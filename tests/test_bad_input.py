@@ -208,7 +208,7 @@ def test_too_few_genes_shared_with_the_reference(tmp_path):
 
 @case
 def test_reference_of_another_format_version(tmp_path):
-    from dask_annot.reference import builtin_models
+    from dask_annot.models import builtin_models
 
     ref = tmp_path / "ref"
     shutil.copytree(builtin_models()["human_pbmc_v1"], ref)
@@ -216,12 +216,12 @@ def test_reference_of_another_format_version(tmp_path):
     meta["format_version"] = 99
     (ref / "reference.json").write_text(json.dumps(meta))
     code, _, err = annotate(example_path(), tmp_path / "out", "--cell-annotation-model", str(ref))
-    assert code == 9 and "reference format version 99, this dask-annot reads version 1" in one_error_line(err)
+    assert code == 9 and "reference format version 99, this dask-annot reads version 2" in one_error_line(err)
 
 
 @case
 def test_corrupted_reference(tmp_path):
-    from dask_annot.reference import builtin_models
+    from dask_annot.models import builtin_models
 
     ref = tmp_path / "ref"
     shutil.copytree(builtin_models()["human_pbmc_v1"], ref)
