@@ -869,11 +869,17 @@ def _format_column(values: np.ndarray) -> np.ndarray:
 
 
 def format_de_csv(df: pd.DataFrame) -> str:
-    """The DE table as CSV text: no quoting, floats shortest round-trip and positional.
+    """The DE table as CSV text (RFC 4180: a field holding a comma, quote or line break is
+    quoted, others are not), floats shortest round-trip and positional.
 
     Floats go through ``numpy.format_float_positional(v, unique=True, trim='-')``
     (``1``, ``0``, never an exponent); NaN is written ``NaN``, infinities ``inf``/``-inf``.
+    Group names such as ``CD4-positive, CD25-positive, alpha-beta regulatory T cell``
+    appear in the header quoted, so every CSV reader sees the right columns.
     """
+    import csv
+    import io
+
     cols = []
     for name in df.columns:
         values = df[name].to_numpy()
@@ -881,9 +887,11 @@ def format_de_csv(df: pd.DataFrame) -> str:
             cols.append(_format_column(values))
         else:
             cols.append(np.asarray([str(x) for x in values], dtype=object))
-    lines = [",".join(str(c) for c in df.columns)]
-    lines.extend(",".join(row) for row in zip(*cols))
-    return "\n".join(lines) + "\n"
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+    w.writerow([str(c) for c in df.columns])
+    w.writerows(zip(*cols))
+    return buf.getvalue()
 
 
 __all__ = [

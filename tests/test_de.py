@@ -272,6 +272,29 @@ def test_format_floats() -> None:
     assert lines[5] == "e,E,inf,-inf"
 
 
+def test_format_quotes_group_names_with_commas_and_round_trips_through_pandas() -> None:
+    """Fine CL labels hold commas; the header must still read back as the right columns (it did not at 0fac772)."""
+    import io
+
+    group = "CD4-positive, CD25-positive, alpha-beta regulatory T cell"
+    odd = 'gene "x", y'
+    df = pd.DataFrame({
+        "Feature ID": ["ENSG1", "ENSG2"],
+        "Feature Name": ["A", odd],
+        f"{group} Mean Counts": [1.5, 0.0],
+        f"{group} Log2 fold change": [0.25, -1.0],
+        f"{group} Adjusted p value": [0.01, 1.0],
+        "B Mean Counts": [2.0, 3.0],
+    })
+    text = de.format_de_csv(df)
+    back = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    assert list(back.columns) == list(df.columns)
+    assert back.shape == df.shape
+    assert back["Feature Name"].tolist() == ["A", odd]
+    assert back[f"{group} Log2 fold change"].tolist() == [0.25, -1.0]
+    assert text.splitlines()[1] == "ENSG1,A,1.5,0.25,0.01,2"  # fields without commas stay unquoted, as Cell Ranger writes them
+
+
 # ---------------------------------------------------------------------------
 # sufficient statistics: properties
 # ---------------------------------------------------------------------------
