@@ -40,9 +40,9 @@ def annotate(
     *,
     model: str = "auto",
     client: Any = None,
-    k: int = 500,
-    layout: Literal["cloud", "hierarchical"] = "cloud",
-    consensus: Literal["auto", "spread", "none"] = "auto",
+    k: int | None = None,
+    layout: Literal["cloud", "hierarchical"] | None = None,
+    consensus: Literal["auto", "spread", "none"] | None = None,
     output_dir: str | os.PathLike | None = None,
     run_id: str | None = None,
     layer: str | None = None,
@@ -62,12 +62,17 @@ def annotate(
     client
         A ``distributed.Client`` to run on; default: the local threaded scheduler.
     k
-        Neighbours per cell (10x's 500; capped for small references, see ``run.json``).
+        Neighbours per cell (default from the configuration: 10x's 500; capped for small
+        references, see ``run.json``).
     layout
-        Columns of the result: ``cloud`` (``cell_count_in_model``) or ``hierarchical``.
+        Columns of the result: ``cloud`` (``cell_count_in_model``) or ``hierarchical``
+        (default from the configuration: ``cloud``).
     consensus
-        As ``--consensus``: label spreading over the query's own neighbours (``auto``:
-        only for small references).
+        As ``--consensus``: label spreading over the query's own neighbours (default from the
+        configuration: ``auto``, only for small references).
+
+    Options left as None come from ``dask.config`` (key ``annot``, e.g.
+    ``dask.config.set({"annot.k": 100})``), as on the command line.
     output_dir
         Keep the outputs (``cell_types.csv``, DE table, ``run.json``, ``web_summary.html``)
         under ``output_dir/run_id/outs/segmented_outs/cell_types/<model>/``; default: a

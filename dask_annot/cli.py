@@ -52,9 +52,10 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     if a.print_job_script:
         return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
-    res = pipeline.annotate(a.id, matrix, model=a.cell_annotation_model, output_dir=a.output_dir, settings=settings,
-                            log=_log, progress=sys.stderr.isatty() and not a.quiet)
-    print(res.model_dir)
+    results = pipeline.run(a.id, matrix, models=pipeline.parse_model_specs(a.cell_annotation_model), output_dir=a.output_dir,
+                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet)
+    for res in results:
+        print(res.model_dir)
     return 0
 
 
@@ -85,7 +86,8 @@ def _cmd_de(a: argparse.Namespace) -> int:
     settings = config.resolve(**_cluster_settings(a))
     if a.print_job_script:
         return _print_job_script(settings)
-    print(pipeline.run_de(a.matrix, a.groups, a.output, settings=settings, log=_log))
+    matrix = example_path() if a.matrix == "example" else a.matrix
+    print(pipeline.run_de(matrix, a.groups, a.output, settings=settings, log=_log))
     return 0
 
 
@@ -147,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: dask-annot annotate --id sample1 --matrix filtered_feature_bc_matrix.h5 --output-dir results")
     an.add_argument("--id", required=True, help="run name; outputs go to OUTPUT_DIR/ID/outs/segmented_outs/cell_types/")
     an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, or 'example'")
-    an.add_argument("--cell-annotation-model", default="auto", help="auto, a built-in model name, or a reference directory (default auto)")
+    an.add_argument("--cell-annotation-model", default=None,
+                    help="one or more models, comma-separated: auto (the built-in kNN model for the species), a built-in "
+                         "model name, or a reference directory; each writes its own folder under cell_types/ "
+                         "(default: the species' default models)")
     an.add_argument("--output-dir", default=".", help="where the ID directory is created (default: current directory)")
     _add_cluster_flags(an)
     an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
@@ -190,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("de", help="sSeq differential expression between groups of your own",
                         epilog="example: dask-annot de --matrix filtered_feature_bc_matrix.h5 --groups clusters.csv --output de.csv")
-    de.add_argument("--matrix", required=True)
+    de.add_argument("--matrix", required=True, help="10x H5, .h5ad, MEX directory, a store from `convert`, or 'example'")
     de.add_argument("--groups", required=True, help="CSV barcode,group")
     de.add_argument("--output", required=True)
     _add_cluster_flags(de)

@@ -7,6 +7,7 @@ global config after that.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -16,18 +17,30 @@ import yaml
 
 from .errors import ConfigError
 
-_loaded = False
+_defaults: dict | None = None
 
 
-def _ensure_defaults() -> None:
-    global _loaded
-    if not _loaded:
+def _ensure_defaults() -> dict:
+    """Merge the package defaults under ``dask.config`` once (what a user set, in YAML,
+    the environment or with ``dask.config.set``, stays on top); returns them."""
+    global _defaults
+    if _defaults is None:
         with resources.files("dask_annot").joinpath("annotate.yaml").open("r") as fh:
-            defaults = yaml.safe_load(fh)
-        dask.config.update_defaults(defaults)
-        # environment variables are read by dask at import; refresh so DASK_ANNOT__* set later count too
-        dask.config.refresh()
-        _loaded = True
+            _defaults = yaml.safe_load(fh)
+        dask.config.update_defaults(_defaults)
+    return _defaults
+
+
+def _from_config(key: str, default: Any) -> Any:
+    """``annot.<key>`` from dask.config; a ``DASK_ANNOT__<KEY>`` environment variable set after
+    dask was imported (dask reads the environment once, at import) counts when the config
+    still holds the package default."""
+    value = dask.config.get(f"annot.{key}", default=default)
+    env = os.environ.get(f"DASK_ANNOT__{key.upper().replace('-', '_')}")
+    packaged = (_ensure_defaults().get("annot") or {}).get(key, default)
+    if env is not None and value == packaged:
+        return yaml.safe_load(env)
+    return value
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ def resolve(**flags: Any) -> Settings:
         if f.name in ("force", "job_options"):
             values[f.name] = False if f.name == "force" else {}
             continue
-        values[f.name] = dask.config.get(f"annot.{f.name.replace('_', '-')}", default=f.default)
+        values[f.name] = _from_config(f.name.replace("_", "-"), f.default)
     s = Settings(**values)
     if int(s.k) < 1:
         raise ConfigError(f"--k must be at least 1, got {s.k}")

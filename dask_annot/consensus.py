@@ -32,10 +32,11 @@ from __future__ import annotations
 import dask
 import numba
 import numpy as np
+from dask.delayed import Delayed
 
 from . import store
 from .build import pca_loadings, select_hvg
-from .normalize import log_normalize_block, clipped_zscore, gene_moments, mean_var
+from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
 
 BLOCK_CELLS = 16_384
 N_HVG = 1000
@@ -65,59 +66,67 @@ def _stats_block(path, start, stop, n_features, umi):
     return gene_moments(_logn(path, start, stop, n_features, umi))
 
 
-def _z(path, start, stop, n_features, umi, hvg, mean, std) -> np.ndarray:
-    return clipped_zscore(_logn(path, start, stop, n_features, umi)[:, hvg].toarray(), mean, std, CLIP)
-
-
-def _gram_block(path, start, stop, n_features, umi, hvg, mean, std):
-    z = _z(path, start, stop, n_features, umi, hvg, mean, std)
-    return z.T @ z, z.sum(axis=0)
-
-
-def _project_block(path, start, stop, n_features, umi, hvg, mean, std, centre, loadings):
-    z = _z(path, start, stop, n_features, umi, hvg, mean, std)
-    return (z - centre) @ loadings
-
-
-def query_embedding(st: store.StoreInfo) -> np.ndarray | None:
-    """The query's own PCA coordinates (cells x PCs, float64), or None when it has no variable genes.
-
-    Three passes over the store, each a Dask graph of :data:`BLOCK_CELLS`-cell tasks
-    run on the active scheduler: gene moments, the Gram matrix of the z-scored
-    variable genes, the projection.
-    """
-    n, G, path = st.n_cells, st.n_features, st.path
-    blocks = _blocks(n)
-    umi = np.asarray(st.umi_count)
-    stats = [dask.delayed(_stats_block, pure=True)(path, a, b, G, umi[a:b]) for a, b in blocks]
-    (stats,) = dask.compute(stats)
-    s1 = np.zeros(G)
-    s2 = np.zeros(G)
-    nexpr = np.zeros(G, dtype=np.int64)
-    for a1, a2, ne in stats:  # block order: the sums never depend on who computed what
-        s1 += a1
-        s2 += a2
-        nexpr += ne
+def _genes(stats: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The query's variable genes with their mean and std, from per-block moments summed in
+    block order (so the sums never depend on who computed what); None with fewer than 2."""
+    s1 = sum(a for a, _, _ in stats)
+    s2 = sum(b for _, b, _ in stats)
+    nexpr = sum(c for _, _, c in stats)
     mean_all, var_all = mean_var(s1, s2, n)
     hvg = select_hvg(mean_all, var_all, nexpr, N_HVG)
     if hvg.size < 2:
         return None
-    mean = mean_all[hvg]
     std = np.sqrt(var_all[hvg])
     std[std == 0] = 1.0
-    grams = [dask.delayed(_gram_block, pure=True)(path, a, b, G, umi[a:b], hvg, mean, std) for a, b in blocks]
-    (grams,) = dask.compute(grams)
-    gram = np.zeros((hvg.size, hvg.size))
-    colsum = np.zeros(hvg.size)
-    for g, c in grams:
-        gram += g
-        colsum += c
-    centre = colsum / n
+    return hvg, mean_all[hvg], std
+
+
+def _z(path, start, stop, n_features, umi, genes) -> np.ndarray:
+    hvg, mean, std = genes
+    return clipped_zscore(_logn(path, start, stop, n_features, umi)[:, hvg].toarray(), mean, std, CLIP)
+
+
+def _gram_block(path, start, stop, n_features, umi, genes):
+    if genes is None:
+        return None
+    z = _z(path, start, stop, n_features, umi, genes)
+    return z.T @ z, z.sum(axis=0)
+
+
+def _basis(grams: list, n: int):
+    """Centre and PCA loadings of the z-scores from per-block Gram matrices (block order)."""
+    if grams[0] is None:
+        return None
+    gram = sum(g for g, _ in grams)
+    centre = sum(c for _, c in grams) / n
     cov = gram - n * np.outer(centre, centre)
-    loadings = pca_loadings(cov, min(N_PCS, hvg.size - 1)).astype(np.float64)
-    parts = [dask.delayed(_project_block, pure=True)(path, a, b, G, umi[a:b], hvg, mean, std, centre, loadings) for a, b in blocks]
-    (parts,) = dask.compute(parts)
-    return np.concatenate(parts, axis=0)
+    return centre, pca_loadings(cov, min(N_PCS, gram.shape[0] - 1)).astype(np.float64)
+
+
+def _project_block(path, start, stop, n_features, umi, genes, basis):
+    if basis is None:
+        return None
+    centre, loadings = basis
+    return (_z(path, start, stop, n_features, umi, genes) - centre) @ loadings
+
+
+def _concat(parts: list) -> np.ndarray | None:
+    return None if parts[0] is None else np.concatenate(parts, axis=0)
+
+
+def query_embedding(st: store.StoreInfo) -> Delayed:
+    """Lazy: the query's own PCA coordinates (cells x PCs, float64), or None when it has
+    no variable genes. Three passes over the store in :data:`BLOCK_CELLS`-cell tasks:
+    gene moments, the Gram matrix of the z-scored variable genes, the projection."""
+    n, G, path = st.n_cells, st.n_features, st.path
+    blocks = _blocks(n)
+    umi = np.asarray(st.umi_count)
+    stats = [dask.delayed(_stats_block, pure=True)(path, a, b, G, umi[a:b]) for a, b in blocks]
+    genes = dask.delayed(_genes, pure=True)(stats, n)
+    grams = [dask.delayed(_gram_block, pure=True)(path, a, b, G, umi[a:b], genes) for a, b in blocks]
+    basis = dask.delayed(_basis, pure=True)(grams, n)
+    parts = [dask.delayed(_project_block, pure=True)(path, a, b, G, umi[a:b], genes, basis) for a, b in blocks]
+    return dask.delayed(_concat, pure=True)(parts)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -152,35 +161,58 @@ def _select_tile(d2, row0, k, out_idx):  # pragma: no cover - compiled
             out_idx[r, q] = bi[q]
 
 
-def _exact_tile(y: np.ndarray, sq: np.ndarray, start: int, stop: int, k: int) -> np.ndarray:
+def _exact_tile(y: np.ndarray | None, start: int, stop: int, k: int) -> np.ndarray | None:
+    if y is None:
+        return None
+    sq = np.einsum("ij,ij->i", y, y)
     d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (y[start:stop] @ y.T)
     out = np.full((stop - start, k), -1, dtype=np.int64)
     _select_tile(d2, start, k, out)
     return out
 
 
-def query_graph(y: np.ndarray, k: int = GRAPH_K) -> tuple[np.ndarray, str]:
-    """Each cell's ``k`` nearest other cells (cells x k, -1 where there are fewer), and how they were found."""
-    n = y.shape[0]
-    k_eff = min(k, n - 1)
-    if k_eff < 1:
-        return np.full((n, max(k, 1)), -1, dtype=np.int64), "none (one cell)"
-    if n <= EXACT_MAX_CELLS:
-        sq = np.einsum("ij,ij->i", y, y)
-        y_d = dask.delayed(y, pure=True, traverse=False)
-        sq_d = dask.delayed(sq, pure=True, traverse=False)
-        tiles = [dask.delayed(_exact_tile, pure=True)(y_d, sq_d, s, min(s + _TILE, n), k_eff) for s in range(0, n, _TILE)]
-        (tiles,) = dask.compute(tiles)
-        return np.concatenate(tiles, axis=0), "exact"
+def _ann_graph(y: np.ndarray | None, k: int) -> np.ndarray | None:
+    if y is None:
+        return None
     import pynndescent
 
-    index = pynndescent.NNDescent(y.astype(np.float32), n_neighbors=k_eff + 1, metric="euclidean", random_state=0, low_memory=True)
+    n = y.shape[0]
+    index = pynndescent.NNDescent(y.astype(np.float32), n_neighbors=k + 1, metric="euclidean", random_state=0, low_memory=True)
     idx, _ = index.neighbor_graph
-    out = np.full((n, k_eff), -1, dtype=np.int64)
+    out = np.full((n, k), -1, dtype=np.int64)
     for i in range(n):  # drop the cell itself (not always first when cells coincide)
-        row = idx[i][(idx[i] != i) & (idx[i] >= 0)][:k_eff]
+        row = idx[i][(idx[i] != i) & (idx[i] >= 0)][:k]
         out[i, : row.size] = row
-    return out, "ann (pynndescent, random_state 0)"
+    return out
+
+
+def _graph_result(y: np.ndarray | None, parts: list, how: str) -> dict:
+    if y is None:
+        return {"nbr": None, "how": "none: the query has fewer than 2 variable genes", "pcs": 0}
+    nbr = parts[0] if len(parts) == 1 and parts[0].shape[0] == y.shape[0] else np.concatenate(parts, axis=0)
+    return {"nbr": nbr, "how": how, "pcs": int(y.shape[1])}
+
+
+def graph_of(y, n: int, k: int = GRAPH_K) -> Delayed:
+    """Lazy: each of ``n`` cells' ``k`` nearest other cells in the embedding ``y`` (an array,
+    or a Delayed of one or of None), as ``{"nbr": int64 n x k (-1 where fewer), "how": text,
+    "pcs": int}``; ``nbr`` is None when ``y`` is. Euclidean; exact up to
+    :data:`EXACT_MAX_CELLS` cells (ties to the lower index), pynndescent (seeded) above."""
+    k_eff = min(k, n - 1)
+    if k_eff < 1:
+        return dask.delayed({"nbr": np.full((n, max(k, 1)), -1, dtype=np.int64), "how": "none (one cell)", "pcs": 0})
+    y = y if isinstance(y, Delayed) else dask.delayed(y, pure=True, traverse=False)
+    if n <= EXACT_MAX_CELLS:
+        tiles = [dask.delayed(_exact_tile, pure=True)(y, s, min(s + _TILE, n), k_eff) for s in range(0, n, _TILE)]
+        return dask.delayed(_graph_result, pure=True)(y, tiles, "exact")
+    g = dask.delayed(_ann_graph, pure=True)(y, k_eff)
+    return dask.delayed(_graph_result, pure=True)(y, [g], "ann (pynndescent, random_state 0)")
+
+
+def query_graph(st: store.StoreInfo, k: int = GRAPH_K) -> Delayed:
+    """Lazy: the query's own kNN graph (:func:`graph_of` on :func:`query_embedding`), built
+    once per run and shared by everything that pools evidence over the query's neighbours."""
+    return graph_of(query_embedding(st), st.n_cells, k)
 
 
 @numba.njit(cache=True)
@@ -215,21 +247,20 @@ def spread(p0: np.ndarray, nbr: np.ndarray, *, alpha: float = ALPHA, iterations:
     return _spread(p0, np.ascontiguousarray(nbr, dtype=np.int64), float(alpha), int(iterations))
 
 
-def apply(st: store.StoreInfo, votes: np.ndarray, counts: np.ndarray, p0: np.ndarray, *, log=print) -> tuple[np.ndarray, dict]:
-    """Votes relabelled by label spreading, and what was done (for run.json).
+def apply(votes: np.ndarray, counts: np.ndarray, p0: np.ndarray, graph: dict, *, log=print) -> tuple[np.ndarray, dict]:
+    """Votes relabelled by label spreading over the query graph (:func:`query_graph`'s
+    result), and what was done (for run.json).
 
     ``fine`` becomes the largest spread share (ties to the first label); ``count``
     the neighbours in the reference carrying it (``cell_count_in_model``, as 10x);
     ``prob`` its spread share. A cell with no evidence at all keeps its vote.
     """
     rec = parameters()
-    y = query_embedding(st)
-    if y is None:
-        rec.update(applied=False, reason="the query has fewer than 2 variable genes")
-        log("consensus skipped: the query has fewer than 2 variable genes")
+    if graph["nbr"] is None:
+        rec.update(applied=False, reason=f"no query graph ({graph['how']})")
+        log(f"consensus skipped: {graph['how']}")
         return votes, rec
-    nbr, how = query_graph(y)
-    p = spread(p0, nbr)
+    p = spread(p0, graph["nbr"])
     total = p.sum(axis=1)
     fine = np.argmax(p, axis=1).astype(np.int32)
     has = total > 0
@@ -240,6 +271,6 @@ def apply(st: store.StoreInfo, votes: np.ndarray, counts: np.ndarray, p0: np.nda
     share = np.divide(p[rows, out["fine"]], total, out=np.zeros(len(out)), where=has)
     out["prob"] = np.where(has, share, votes["prob"]).astype(np.float32)
     changed = int(np.count_nonzero(out["fine"] != votes["fine"]))
-    rec.update(applied=True, graph_search=how, pcs_used=int(y.shape[1]), cells_relabelled=changed)
-    log(f"consensus: label spreading over the query's {how} {GRAPH_K}-NN graph relabelled {changed} of {len(out)} cells")
+    rec.update(applied=True, graph_search=graph["how"], pcs_used=graph["pcs"], cells_relabelled=changed)
+    log(f"consensus: label spreading over the query's {graph['how']} {GRAPH_K}-NN graph relabelled {changed} of {len(out)} cells")
     return out, rec

@@ -56,32 +56,93 @@ def fmt_prob(p: float) -> str:
     return np.format_float_positional(np.float32(p), unique=True, trim="-")
 
 
-def coarse_labels(fine_codes: np.ndarray, umi: np.ndarray, model) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(fine, coarse_unfiltered, coarse, broad) name arrays; low-UMI cells get ``Low UMI Barcode``."""
-    fine_names = np.array(model.labels, dtype=object)
-    coarse_of = np.array([lv.coarse for lv in model.levels], dtype=object)
-    broad_of = np.array([lv.broad for lv in model.levels], dtype=object)
-    low = umi < LOW_UMI_THRESHOLD
-    coarse_unf = coarse_of[fine_codes]
-    coarse = np.where(low, LOW_UMI, coarse_unf)
-    broad = np.where(low, LOW_UMI, broad_of[fine_codes])
-    return fine_names[fine_codes], coarse_unf, coarse, broad
+# ----------------------------------------------------------------------------- per-cell calls
+
+CALL_DTYPE = np.dtype([("code", np.int32), ("depth", np.int8), ("prob", np.float32), ("count", np.int32)])
+"""A model's call for one cell: ``code`` indexes ``model.labels`` / ``model.levels`` (the deepest
+term decided); ``depth`` how far down the hierarchy the call is confident; ``prob`` the
+probability that the reported final level is right; ``count`` the reference neighbours
+carrying the fine label (``cell_count_in_model``; 0 for marker models)."""
+DEPTH_NONE, DEPTH_BROAD, DEPTH_COARSE, DEPTH_FINE = 0, 1, 2, 3
+UNASSIGNED = "Unassigned"
+COARSE_NCA = "Coarse Not Confidently Annotated"
+FINE_NCA = "Fine Not Confidently Annotated"
 
 
-def cell_types_csv(barcodes: np.ndarray, votes: np.ndarray, umi: np.ndarray, model, *, layout: Layout) -> str:
+def calls_from(code: np.ndarray, *, prob: np.ndarray, count: np.ndarray | None = None, depth: np.ndarray | None = None) -> np.ndarray:
+    """A ``CALL_DTYPE`` array (``depth`` defaults to confident to the fine level)."""
+    out = np.empty(len(code), dtype=CALL_DTYPE)
+    out["code"] = code
+    out["prob"] = prob
+    out["count"] = 0 if count is None else count
+    out["depth"] = DEPTH_FINE if depth is None else depth
+    return out
+
+
+def _path(*parts: str) -> str:
+    out: list[str] = []
+    for p in parts:
+        if not out or out[-1] != p:
+            out.append(p)
+    return "|".join(out)
+
+
+def _text_table(model) -> dict[str, np.ndarray]:
+    """Per (label code, depth): the text of each column, as object arrays of shape (labels, 4)."""
+    n = len(model.levels)
+    cols = {c: np.empty((n, 4), dtype=object) for c in ("broad", "coarse", "fine", "path", "cloud_coarse", "cloud_fine")}
+    for i, lv in enumerate(model.levels):
+        rows = {
+            DEPTH_NONE: (UNASSIGNED, UNASSIGNED, UNASSIGNED, UNASSIGNED),
+            DEPTH_BROAD: (lv.broad, COARSE_NCA, FINE_NCA, _path(lv.broad)),
+            DEPTH_COARSE: (lv.broad, lv.coarse, FINE_NCA, _path(lv.broad, lv.coarse)),
+            DEPTH_FINE: (lv.broad, lv.coarse, lv.fine, lv.path),
+        }
+        for d, (b, c, f, pth) in rows.items():
+            cols["broad"][i, d], cols["coarse"][i, d], cols["fine"][i, d], cols["path"][i, d] = b, c, f, pth
+            cols["cloud_coarse"][i, d] = UNASSIGNED if d == DEPTH_NONE else lv.coarse
+            cols["cloud_fine"][i, d] = UNASSIGNED if d == DEPTH_NONE else lv.fine
+    return cols
+
+
+def cell_labels(calls: np.ndarray, umi: np.ndarray, model, *, layout: Layout) -> dict[str, np.ndarray]:
+    """The label columns of ``cell_types.csv`` for one layout, as object arrays in matrix order.
+
+    Hierarchical (Azimuth's vocabulary): a level the call is not confident at reads
+    ``Coarse/Fine Not Confidently Annotated``; a cell unlike the reference is ``Unassigned``
+    at every level. Cloud (10x's): ``Unassigned`` or the fine label and its coarse type.
+    ``Low UMI Barcode`` replaces ``coarse_cell_type`` (and ``broad_cell_type``) below
+    :data:`LOW_UMI_THRESHOLD` UMIs; ``coarse_cell_type_unfiltered`` keeps the call.
+    """
+    table = _text_table(model)
+    code = calls["code"].astype(np.int64)
+    depth = calls["depth"].astype(np.int64)
+    low = np.asarray(umi) < LOW_UMI_THRESHOLD
+    if layout == "cloud":
+        coarse_unf = table["cloud_coarse"][code, depth]
+        return {"coarse_cell_type": np.where(low, LOW_UMI, coarse_unf), "fine_cell_type": table["cloud_fine"][code, depth],
+                "coarse_cell_type_unfiltered": coarse_unf}
+    coarse_unf = table["coarse"][code, depth]
+    return {"broad_cell_type": np.where(low, LOW_UMI, table["broad"][code, depth]), "coarse_cell_type": np.where(low, LOW_UMI, coarse_unf),
+            "fine_cell_type": table["fine"][code, depth], "full_hierarchical_labels": table["path"][code, depth],
+            "coarse_cell_type_unfiltered": coarse_unf}
+
+
+def cell_types_csv(barcodes: np.ndarray, calls: np.ndarray, umi: np.ndarray, model, *, layout: Layout) -> str:
     """The ``cell_types.csv`` text, one row per barcode in matrix order."""
-    fine, coarse_unf, coarse, broad = coarse_labels(votes["fine"], umi, model)
+    lab = cell_labels(calls, umi, model, layout=layout)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    umi_l = np.asarray(umi).tolist()
     if layout == "cloud":
         w.writerow(CLOUD_COLUMNS)
-        for row in zip(barcodes, coarse, fine, votes["count"].tolist(), coarse_unf, umi.tolist()):
-            w.writerow(row)
+        w.writerows(zip(barcodes, lab["coarse_cell_type"], lab["fine_cell_type"], calls["count"].tolist(),
+                        lab["coarse_cell_type_unfiltered"], umi_l))
     else:
-        paths = {i: lv.path for i, lv in enumerate(model.levels)}
         w.writerow(HIERARCHICAL_COLUMNS)
-        for b, br, co, fi, code, p, cu, u in zip(barcodes, broad, coarse, fine, votes["fine"].tolist(), votes["prob"].tolist(), coarse_unf, umi.tolist()):
-            w.writerow([b, br, co, fi, paths[code], fmt_prob(p), cu, u])
+        probs = [fmt_prob(p) for p in calls["prob"].tolist()]
+        w.writerows(zip(barcodes, lab["broad_cell_type"], lab["coarse_cell_type"], lab["fine_cell_type"],
+                        lab["full_hierarchical_labels"], probs, lab["coarse_cell_type_unfiltered"], umi_l))
     return buf.getvalue()
 
 

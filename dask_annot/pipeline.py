@@ -6,6 +6,7 @@ matrix -> store (zarr, reused) -> align -> normalize -> project -> knn -> vote
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -13,13 +14,16 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import dask
+import dask.array as da
 import numpy as np
 
-from . import __version__, align, consensus, h5, knn, normalize, outputs, project, store, vote
+from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, store, summary, vote
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -82,7 +86,7 @@ def embedding(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cel
     reference's gene universe, log-normalize by the universe total, then the sparse form
     of z-score + projection of the selected genes."""
     model_d = model_d if model_d is not None else dask.delayed(mdl, pure=True, traverse=False)
-    proj = project.projection_matrix(mdl.loadings, al.query_index[mdl.hvg_index] >= 0)
+    proj = project.projection_matrix(mdl.loadings, al.query_index[mdl.hvg_index] >= 0, what=str(st.source.get("path", st.path)))
     terms_d = dask.delayed(project.projection_terms(proj, mdl.mean, mdl.std), pure=True, traverse=False)
     X = store.counts_array(st, chunk_cells=chunk_cells)
     logn = normalize.log_normalize_columns(align.align(X, al), mdl.hvg_index, target_sum=mdl.target_sum)
@@ -183,9 +187,21 @@ def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir
 
     ``client``: an existing ``distributed.Client`` to run on (used as is, not closed).
     """
+    return run(run_id, matrix, models=[model], output_dir=output_dir, settings=settings, log=log,
+               progress=progress, client=client)[0]
+
+
+def run(run_id: str, matrix: str | Path, *, models: Sequence[str] | None = None, output_dir: str | Path = ".",
+        settings: Settings, log=print, progress: bool = False, client=None) -> list[RunResult]:
+    """Annotate one matrix with each of ``models`` (default: :func:`default_models`), each
+    model's outputs in its own folder under ``cell_types/``; returns them in order.
+
+    The matrix is converted once; the query's own neighbour graph, when a model needs
+    it, is built once and shared; one Dask client serves every model.
+    """
     try:
-        return _annotate(run_id, matrix, model=model, output_dir=output_dir, settings=settings, log=log,
-                         progress=progress, client=client)
+        return _run(run_id, matrix, specs=models, output_dir=output_dir, settings=settings, log=log,
+                    progress=progress, client=client)
     except OSError as exc:
         if isinstance(exc, DaskAnnotError) or exc.errno not in _WRITE_ERRNOS:
             raise
@@ -197,84 +213,204 @@ def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
 
 
-def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | Path,
-              settings: Settings, log, progress: bool, client) -> RunResult:
+def default_models(st: store.StoreInfo) -> list[str]:
+    """What runs when no model is named: the ``auto`` kNN model (see :func:`choose_model`)."""
+    return ["auto"]
+
+
+def parse_model_specs(value: str | Sequence[str] | None) -> list[str] | None:
+    """``--cell-annotation-model`` as a list: a comma-separated text, a sequence, or None (defaults)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    specs = [x.strip() for x in items if x and x.strip()]
+    if not specs:
+        raise ConfigError("--cell-annotation-model is empty; name a model (see `dask-annot models`), or leave it out for the defaults")
+    return specs
+
+
+@dataclass
+class KnnPlan:
+    """How one kNN model annotates this matrix (decided before anything runs)."""
+
+    model: Model
+    alignment: align.Alignment
+    choice: dict
+    k_used: int
+    k_rule: str
+    balanced: bool
+    spread: bool
+    method: str
+
+    kind = "knn"
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan:
+    """Load the model ``spec`` names and decide how it runs on ``st``."""
+    mdl, al, choice = choose_model(spec, st)
+    k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
+    balanced = k_used < settings.k
+    spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
+    return KnnPlan(model=mdl, alignment=al, choice=choice, k_used=k_used, k_rule=k_rule, balanced=balanced,
+                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method))
+
+
+class _QueryGraph:
+    """The query's own kNN graph, built at most once per run (checkpointed under work/)."""
+
+    def __init__(self, st: store.StoreInfo, work: Path, fp: dict):
+        self.st, self.value = st, None
+        key = json.dumps({"input": fp.get("sha256"), "params": consensus.parameters(), "code": code_fingerprint()}, sort_keys=True)
+        self.path = work / f"query_graph-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+    def task(self):
+        """The graph as a Delayed (to compute with other work), or its value once known."""
+        if self.value is not None:
+            return self.value
+        if self.path.is_file():
+            return dask.delayed(_load_graph, pure=True)(str(self.path))
+        return dask.delayed(_save_graph, pure=True)(consensus.query_graph(self.st), str(self.path))
+
+
+def _save_graph(graph: dict, path: str) -> dict:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    nbr = graph["nbr"] if graph["nbr"] is not None else np.empty((0, 0), np.int64)
+    with open(tmp, "wb") as fh:
+        np.savez(fh, nbr=nbr, has=np.array(graph["nbr"] is not None), how=np.array(graph["how"]), pcs=np.array(graph["pcs"]))
+    os.replace(tmp, p)
+    return graph
+
+
+def _load_graph(path: str) -> dict:
+    with np.load(path) as z:
+        return {"nbr": z["nbr"] if bool(z["has"]) else None, "how": str(z["how"]), "pcs": int(z["pcs"])}
+
+
+def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output_dir: str | Path,
+         settings: Settings, log, progress: bool, client) -> list[RunResult]:
     timer = Timer()
     if not run_id or "/" in run_id or run_id in (".", ".."):
         raise ConfigError(f"--id '{run_id}' must be a plain name (letters, digits, - and _)")
     root = Path(output_dir) / run_id
     st, fp = prepare_store(matrix, root / "work", settings, timer, log)
+    specs = parse_model_specs(specs) or default_models(st)
     with timer.stage("load_model"):
-        mdl, al, model_choice = choose_model(model, st)
+        plans = [plan_model(spec, st, settings) for spec in specs]
+    names = [p.name for p in plans]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"--cell-annotation-model names the model '{max(set(names), key=names.count)}' twice; name each model once")
+    for plan in plans:
+        al, mdl = plan.alignment, plan.model
+        log(f"model {mdl.name} v{mdl.version}: {al.n_required_shared}/{al.n_required} model genes shared "
+            f"({al.n_shared}/{al.n_reference_genes} of its gene universe, by {al.matched_by}); "
+            f"k={plan.k_used} ({plan.k_rule}); {plan.method} search" + ("; label spreading over the query's own neighbours" if plan.spread else ""))
+    settings = _resolve_scheduler(settings, [p.method for p in plans], log, n_cells=st.n_cells)
+    for plan in plans:
+        _check_memory(settings, n_cells=st.n_cells, n_genes=plan.alignment.n_reference_genes, k=plan.k_used,
+                      n_ref=plan.model.n_cells, method=plan.method)
+    shared = dict(timer.stages)
+    results = []
+    with _client(settings, log, shared_paths=[st.path, *(p.model.path for p in plans)], client=client) as active:
+        graph = _QueryGraph(st, root / "work", fp)
+        for plan in plans:
+            results.append(_run_knn(plan, st, fp, root=root, run_id=run_id, output_dir=output_dir, settings=settings,
+                                    log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared))
+    return results
+
+
+def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id: str, output_dir, settings: Settings,
+             log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict) -> RunResult:
+    timer = Timer()
+    mdl, al = plan.model, plan.alignment
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
-    k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
-    balanced = k_used < settings.k
-    spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
-    method = knn.choose_method(mdl.n_cells, settings.knn_method)
-    log(f"model {mdl.name} v{mdl.version}: {al.n_required_shared}/{al.n_required} model genes shared "
-        f"({al.n_shared}/{al.n_reference_genes} of its gene universe, by {al.matched_by}); "
-        f"k={k_used} ({k_rule}); {method} search" + ("; label spreading over the query's own neighbours" if spread else ""))
-    settings = _resolve_scheduler(settings, method, log, n_cells=st.n_cells)
-    _check_memory(settings, n_cells=st.n_cells, n_genes=al.n_reference_genes, k=k_used, n_ref=mdl.n_cells, method=method)
-
     umi_all = st.umi_count
-    with _client(settings, log, shared_paths=[st.path, mdl.path], client=client) as active:
-        model_d = dask.delayed(mdl, pure=True, traverse=False)
-        emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
-        nbrs = knn.neighbors(emb, model_d, k=k_used, method=method, epsilon=settings.ann_epsilon)
-        bounds = np.cumsum((0,) + nbrs.chunks[0])
-        emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
-        ckpt = _checkpoint_dir(root / "work", fp, mdl, k_used, method, balanced, settings, bounds, spread)
-        done = _finished_chunks(ckpt, bounds)
-        parts = []
-        for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
-            path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
-            if i in done:
-                parts.append(dask.delayed(_load_chunk, pure=True)(path))
-            else:
-                parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, spread))
-        if done:
-            log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
-        with timer.stage("annotate"), _progress(progress, active):
-            (parts,) = dask.compute(parts)
-        votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
-        members = [p[1] for p in parts]
-        embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
-        consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
-        if spread and parts:
-            counts = np.concatenate([p[3] for p in parts])
-            p0 = np.concatenate([p[4] for p in parts])
-            with timer.stage("consensus"), _progress(progress, active):
-                votes_np, consensus_rec = consensus.apply(st, votes_np, counts, p0, log=log)
-            del counts, p0
-        fine, coarse_unf, coarse, broad = outputs.coarse_labels(votes_np["fine"], umi_all, mdl)
-        groups = sorted(set(coarse.tolist()))
-        de_df = None
-        if len(groups) >= 2:
-            from . import de
+    model_d = dask.delayed(mdl, pure=True, traverse=False)
+    emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
+    nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
+    bounds = np.cumsum((0,) + nbrs.chunks[0])
+    emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
+    ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds)
+    done = _finished_chunks(ckpt, bounds)
+    parts = []
+    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
+        path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
+        if i in done:
+            parts.append(dask.delayed(_load_chunk, pure=True)(path))
+        else:
+            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, plan.spread))
+    if done:
+        log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
+    graph_task = graph.task() if plan.spread and parts else None
+    with timer.stage("annotate"), _progress(progress, active):
+        parts, graph_value = dask.compute(parts, graph_task)
+    votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
+    members = [p[1] for p in parts]
+    embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
+    consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
+    if graph_value is not None:
+        graph.value = graph_value
+        counts = np.concatenate([p[3] for p in parts])
+        p0 = np.concatenate([p[4] for p in parts])
+        with timer.stage("consensus"):
+            votes_np, consensus_rec = consensus.apply(votes_np, counts, p0, graph_value, log=log)
+        del counts, p0
+    calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
+    record = {
+        "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
+                      "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
+                      "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **plan.choice},
+        "gene_overlap": al.record(),
+        "parameters": {
+            "k_requested": settings.k, "k_used": plan.k_used, "k_rule": plan.k_rule,
+            "vote": "class-balanced plurality (small reference)" if plan.balanced else "plurality (10x)",
+            "consensus": consensus_rec,
+            "distance": "cosine (euclidean on unit-length PCA coordinates)",
+            "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
+            "knn_method": plan.method, "ann_epsilon": settings.ann_epsilon if plan.method == "ann" else None,
+            "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
+            "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
+            "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
+        },
+    }
+    return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
+                        progress=progress, active=active, record=record, shared_timings=shared_timings,
+                        files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d)
 
-            code_of = {g: i for i, g in enumerate(groups)}
-            codes = np.array([code_of[c] for c in coarse], dtype=np.int32)
-            Xde = store.counts_array(st, chunk_cells=DE_CHUNK_CELLS)
-            import dask.array as da
 
-            codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
-            graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
-                                feature_names=np.asarray(st.feature_names, dtype=object))
-            with timer.stage("de"), _progress(progress, active):
-                (de_df,) = dask.compute(graph)
-
+def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir: Path, run_id: str, settings: Settings,
+                 timer: Timer, log, progress: bool, active, record: dict, shared_timings: dict, files: dict,
+                 embedding2d: np.ndarray | None) -> RunResult:
+    """DE between the final coarse types, then every output of one model (run.json last)."""
+    umi_all = st.umi_count
+    labels = outputs.cell_labels(calls, umi_all, mdl, layout=settings.layout)
+    coarse = labels["coarse_cell_type"]
+    groups = sorted(set(coarse.tolist()))
+    de_df = None
+    if len(groups) >= 2:
+        code_of = {g: i for i, g in enumerate(groups)}
+        codes = np.array([code_of[c] for c in coarse], dtype=np.int32)
+        Xde = store.counts_array(st, chunk_cells=DE_CHUNK_CELLS)
+        codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
+        graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
+                            feature_names=np.asarray(st.feature_names, dtype=object))
+        with timer.stage("de"), _progress(progress, active):
+            (de_df,) = dask.compute(graph)
     with timer.stage("write"):
         mdir.mkdir(parents=True, exist_ok=True)
         stale = mdir / "run.json"
         if stale.exists():
             stale.unlink()  # the directory is not a finished run until the new record lands
-        outputs.atomic_write(mdir / "cell_types.csv", outputs.cell_types_csv(st.barcodes, votes_np, umi_all, mdl, layout=settings.layout))
-        outputs.atomic_write(mdir / "cell_annotation_results.json.gz", outputs.json_results(members))
+        outputs.atomic_write(mdir / "cell_types.csv", outputs.cell_types_csv(st.barcodes, calls, umi_all, mdl, layout=settings.layout))
+        for name, payload in files.items():
+            outputs.atomic_write(mdir / name, payload)
         de_path = mdir / "cell_annotation_differential_expression.csv"
         if de_df is not None:
-            from . import de
-
             outputs.atomic_write(de_path, de.format_de_csv(de_df))
         elif de_path.exists():
             de_path.unlink()
@@ -288,39 +424,23 @@ def _annotate(run_id: str, matrix: str | Path, *, model: str, output_dir: str | 
         "cells": st.n_cells,
         "genes": st.n_features,
         "low_umi_barcodes": low,
-        "reference": {"name": mdl.name, "version": mdl.version, "species": mdl.species, "path": mdl.path,
-                      "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
-                      "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **model_choice},
-        "gene_overlap": al.record(),
-        "parameters": {
-            "k_requested": settings.k, "k_used": k_used, "k_rule": k_rule,
-            "vote": "class-balanced plurality (small reference)" if balanced else "plurality (10x)",
-            "consensus": consensus_rec,
-            "distance": "cosine (euclidean on unit-length PCA coordinates)",
-            "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
-            "knn_method": method, "ann_epsilon": settings.ann_epsilon if method == "ann" else None,
-            "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
-            "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
-            "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
-        },
+        **record,
         "differential_expression": (
             {"written": True, "groups": groups} if de_df is not None
             else {"written": False, "reason": f"fewer than 2 coarse cell types ({len(groups)})"}
         ),
         "composition_coarse": composition,
-        "outputs": sorted(p.name for p in mdir.iterdir() if not p.name.startswith(".") and p.name != "run.json"),
+        "outputs": sorted({p.name for p in mdir.iterdir() if not p.name.startswith(".") and p.name != "run.json"} | {"web_summary.html"}),
         "versions": _versions(),
     }
-    from . import summary
-
-    record["outputs"] = sorted(set(record["outputs"]) | {"web_summary.html"})
+    timings = lambda: {**shared_timings, **timer.stages, "total": round(sum(shared_timings.values()) + timer.total, 3)}  # noqa: E731
     with timer.stage("summary"):
-        record["timings_s"] = {**timer.stages, "total": timer.total}
+        record["timings_s"] = timings()
         summary.write_web_summary(mdir / "web_summary.html", record=record, cell_types=summary.read_cell_types(mdir / "cell_types.csv"),
                                   embedding2d=embedding2d, de=de_df)
-    record["timings_s"] = {**timer.stages, "total": timer.total}
+    record["timings_s"] = timings()
     outputs.write_run_record(mdir / "run.json", record)
-    log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
+    log(f"{mdl.name} timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
     return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d)
 
 
@@ -355,7 +475,7 @@ def _check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_r
 AUTO_PROCESSES_MIN_CELLS = 20_000
 
 
-def _resolve_scheduler(settings: Settings, method: str, log, *, n_cells: int = 0) -> Settings:
+def _resolve_scheduler(settings: Settings, methods: Sequence[str], log, *, n_cells: int = 0) -> Settings:
     """``auto``: threads, except for pynndescent searches of at least
     :data:`AUTO_PROCESSES_MIN_CELLS` cells, which run in single-threaded worker
     processes (the search holds the GIL; below that size starting the workers
@@ -364,7 +484,7 @@ def _resolve_scheduler(settings: Settings, method: str, log, *, n_cells: int = 0
 
     if settings.scheduler != "auto":
         return settings
-    if method == "ann" and n_cells >= AUTO_PROCESSES_MIN_CELLS and (settings.n_workers or os.cpu_count() or 1) > 1:
+    if "ann" in methods and n_cells >= AUTO_PROCESSES_MIN_CELLS and (settings.n_workers or os.cpu_count() or 1) > 1:
         log("scheduler: a LocalCluster of single-threaded processes (pynndescent's search holds the GIL)")
         return dataclasses.replace(settings, scheduler="local", threads_per_worker=1)
     return dataclasses.replace(settings, scheduler="threads")
@@ -379,15 +499,24 @@ def _client(settings: Settings, log, *, shared_paths=(), client=None):
                        shared_paths=shared_paths, worker_timeout=settings.worker_timeout, **settings.job_options)
 
 
-def _checkpoint_dir(work: Path, fp: dict, mdl: Model, k_used: int, method: str, balanced: bool, settings: Settings, bounds,
-                    spread: bool = False) -> Path:
-    """Per-chunk results live under a key of everything that determines them."""
-    import hashlib
+@lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A digest of the package's source: checkpoints made by other code are never reused."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
+
+def _checkpoint_dir(work: Path, fp: dict, plan: KnnPlan, settings: Settings, bounds) -> Path:
+    """Per-chunk results live under a key of everything that determines them, the code included."""
+    mdl = plan.model
     key = json.dumps({
-        "input": fp.get("sha256"), "reference": mdl.meta.get("checksums"), "model": mdl.name, "k": k_used,
-        "method": method, "epsilon": settings.ann_epsilon if method == "ann" else None, "balanced": balanced,
-        "bounds": [int(b) for b in bounds], "version": __version__, "scores": spread,
+        "input": fp.get("sha256"), "reference": mdl.meta.get("checksums"), "model": mdl.name, "k": plan.k_used,
+        "method": plan.method, "epsilon": settings.ann_epsilon if plan.method == "ann" else None, "balanced": plan.balanced,
+        "bounds": [int(b) for b in bounds], "code": code_fingerprint(), "scores": plan.spread,
     }, sort_keys=True)
     return work / "chunks" / f"{mdl.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -447,10 +576,8 @@ class _progress:
 
 def run_de(matrix: str | Path, groups_csv: str | Path, output: str | Path, *, settings: Settings, log=print) -> Path:
     """``dask-annot de``: sSeq DE between the user's own groups (CSV ``barcode,group``)."""
-    import dask.array as da
     import pandas as pd
 
-    from . import de
     from .errors import InputFormatError, InputNotFoundError
 
     timer = Timer()
@@ -479,7 +606,7 @@ def run_de(matrix: str | Path, groups_csv: str | Path, output: str | Path, *, se
         raise InputFormatError(f"{groups_csv}: only one group ({groups[0]}); differential expression needs at least two")
     code_of = {g: i for i, g in enumerate(groups)}
     codes = np.array([code_of[g] for g in labels], dtype=np.int32)
-    settings = _resolve_scheduler(settings, "exact", log)
+    settings = _resolve_scheduler(settings, ["exact"], log)
     with _client(settings, log, shared_paths=[st.path]):
         X = store.counts_array(st, chunk_cells=DE_CHUNK_CELLS)
         graph = de.build_de(X, da.from_array(codes, chunks=(X.chunks[0],)), group_names=groups,
@@ -500,7 +627,6 @@ def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = N
     """
     import pandas as pd
 
-    from . import summary
     from .errors import InputNotFoundError
 
     mdir = Path(model_dir)

@@ -14,21 +14,38 @@ import scipy.sparse as sp
 from .normalize import check_cell_chunked
 
 
-def projection_matrix(loadings: np.ndarray, measured: np.ndarray) -> np.ndarray:
+RIDGE = 1e-3
+MIN_MEASURED_MASS = 1e-3
+
+
+def projection_matrix(loadings: np.ndarray, measured: np.ndarray, *, what: str = "the matrix") -> np.ndarray:
     """Genes x PCs matrix mapping z-scores to reference coordinates.
 
     Genes the query did not measure (absent from its feature list) are unknown,
-    not zero: the coordinates are the least-squares fit of the measured genes,
-    ``(W_m^T W_m)^-1 W_m^T z_m``. With every gene measured this is exactly the
-    loadings, since they are orthonormal.
+    not zero: the coordinates are the ridge-regularized least-squares fit of the
+    measured genes, ``(W_m^T W_m + RIDGE I)^-1 W_m^T z_m``. With every gene measured
+    this is exactly the loadings (they are orthonormal). ``W_m^T W_m``'s eigenvalues
+    are the share of each principal direction's loading mass that was measured; when one
+    is below :data:`MIN_MEASURED_MASS`, that direction cannot be recovered from the
+    query and the fit is refused with a clear error instead of returning noise.
     """
+    from .errors import GeneOverlapError
+
     w = np.asarray(loadings, dtype=np.float64)
     measured = np.asarray(measured, dtype=bool)
     out = np.zeros_like(w)
     if measured.all():
         return w
     wm = w[measured]
-    out[measured] = np.linalg.solve(wm.T @ wm, wm.T).T
+    gram = wm.T @ wm
+    mass = np.linalg.eigvalsh(gram)
+    if mass.size and mass[0] < MIN_MEASURED_MASS:
+        raise GeneOverlapError(
+            f"{what}: the genes it measures carry {mass[0]:.2%} of one of the model's principal directions "
+            f"(at least {MIN_MEASURED_MASS:.1%} is needed): too many of the model's genes are missing to place "
+            "the cells; use a matrix with all genes (the filtered feature-barcode matrix) or another --cell-annotation-model"
+        )
+    out[measured] = np.linalg.solve(gram + RIDGE * np.eye(gram.shape[0]), wm.T).T
     return out
 
 

@@ -168,3 +168,22 @@ def test_bad_inputs_say_what_to_do():
         dask_annot.annotate(42)
     with pytest.raises(ConfigError, match="layer= applies to an AnnData"):
         dask_annot.annotate("example", layer="counts")
+
+
+def test_dask_config_set_reaches_the_settings_and_the_api():
+    """Issue 13 item 8: dask.config.refresh() used to wipe a user's dask.config.set, and the API
+    passed k/layout/consensus explicitly, so configuration never reached Python callers."""
+    import dask
+
+    with dask.config.set({"annot.k": 40, "annot.layout": "hierarchical"}):
+        s = config.resolve()
+        assert (s.k, s.layout) == (40, "hierarchical")
+        assert config.resolve(k=7).k == 7  # a flag still wins
+        df = dask_annot.annotate("example", quiet=True)
+    assert "final_level_softmax_prob" in df.columns
+    assert df.attrs["dask_annot"]["run"]["parameters"]["k_requested"] == 40
+
+
+def test_environment_variables_set_after_import_count(monkeypatch):
+    monkeypatch.setenv("DASK_ANNOT__CHUNK_CELLS", "123")
+    assert config.resolve().chunk_cells == 123

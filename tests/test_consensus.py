@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+import dask
+
 from dask_annot import consensus, store
 from dask_annot.cli import example_path
 
@@ -21,31 +23,36 @@ def _brute_graph(y: np.ndarray, k: int) -> np.ndarray:
     return np.array([np.lexsort((cols, row))[:k] for row in d2])
 
 
+def _graph(y: np.ndarray, k: int = consensus.GRAPH_K) -> tuple[np.ndarray, str]:
+    (g,) = dask.compute(consensus.graph_of(y, y.shape[0], k), scheduler="threads")
+    return g["nbr"], g["how"]
+
+
 def test_exact_query_graph_is_the_brute_force_top_k_with_ties_to_the_lower_index(rng):
     # small integer coordinates: every distance is exact and there are ties and duplicate cells
     y = rng.integers(-2, 3, size=(700, 3)).astype(np.float64)
     y[100] = y[5]
     y[650] = y[5]
-    nbr, how = consensus.query_graph(y, k=15)
+    nbr, how = _graph(y, k=15)
     assert how == "exact"
     np.testing.assert_array_equal(nbr, _brute_graph(y, 15))
     assert not (nbr == np.arange(len(y))[:, None]).any()
 
 
 def test_query_graph_of_tiny_queries():
-    nbr, _ = consensus.query_graph(np.zeros((1, 4)))
+    nbr, _ = _graph(np.zeros((1, 4)))
     assert (nbr == -1).all()
-    nbr, _ = consensus.query_graph(np.arange(8, dtype=np.float64).reshape(4, 2), k=15)
+    nbr, _ = _graph(np.arange(8, dtype=np.float64).reshape(4, 2), k=15)
     assert nbr.shape == (4, 3) and sorted(nbr[0].tolist()) == [1, 2, 3]
 
 
 def test_large_queries_use_a_seeded_ann_graph_close_to_the_exact_one(rng, monkeypatch):
     centres = rng.normal(size=(6, 10)) * 6
     y = centres[rng.integers(0, 6, 3000)] + rng.normal(size=(3000, 10))
-    exact, _ = consensus.query_graph(y)
+    exact, _ = _graph(y)
     monkeypatch.setattr(consensus, "EXACT_MAX_CELLS", 1000)
-    ann, how = consensus.query_graph(y)
-    again, _ = consensus.query_graph(y)
+    ann, how = _graph(y)
+    again, _ = _graph(y)
     assert how.startswith("ann")
     np.testing.assert_array_equal(ann, again)  # seeded: the same graph every run
     assert not (ann == np.arange(len(y))[:, None]).any() and (ann >= 0).all()
@@ -75,10 +82,10 @@ def test_spreading_follows_the_graph_and_keeps_each_cell_a_distribution(rng):
 
 def test_query_embedding_does_not_depend_on_how_the_blocks_are_cut(tmp_path, monkeypatch):
     st = store.convert(example_path(), tmp_path / "m.zarr")
-    whole = consensus.query_embedding(st)
+    (whole,) = dask.compute(consensus.query_embedding(st), scheduler="threads")
     assert whole.shape == (800, consensus.N_PCS) and np.isfinite(whole).all()
     monkeypatch.setattr(consensus, "BLOCK_CELLS", 97)
-    cut = consensus.query_embedding(st)
+    (cut,) = dask.compute(consensus.query_embedding(st), scheduler="threads")
     # the sums run in another order, so not bit for bit, but the same embedding
     np.testing.assert_allclose(cut, whole, atol=1e-8)
 

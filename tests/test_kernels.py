@@ -166,3 +166,52 @@ def test_ontology_levels():
     assert levels_for("mystery", None).path == "mystery"
     with pytest.raises(ConfigError, match="not in the Cell Ontology"):
         levels_for("x", "CL:9999999")
+
+
+def test_projection_with_missing_genes_is_regularized_and_refuses_an_unrecoverable_direction():
+    """Issue 13 item 4: a singular fit was a LinAlgError at 0fac772; it is now a clear GeneOverlapError."""
+    from dask_annot.errors import GeneOverlapError
+    from dask_annot.models import resolve_model
+
+    w = resolve_model("human_pbmc_v1").loadings.astype(np.float64)
+    every = project.projection_matrix(w, np.ones(w.shape[0], bool))
+    np.testing.assert_array_equal(every, w)  # nothing missing: exactly the loadings
+    rng = np.random.default_rng(3)
+    some = rng.random(w.shape[0]) > 0.3
+    fit = project.projection_matrix(w, some)
+    assert (fit[~some] == 0).all()
+    # on a cell that lies in the PCA space, the fit from 70% of the genes recovers its coordinates
+    c = rng.normal(size=w.shape[1])
+    np.testing.assert_allclose((w @ c)[some] @ fit[some], c, rtol=0.02, atol=0.02)
+    with pytest.raises(GeneOverlapError, match="carry .* of one of the model's principal directions"):
+        project.projection_matrix(w, np.arange(w.shape[0]) < 5, what="q.h5")  # rank 5 < 30 PCs: singular
+    # the genes that carry PC 1 removed
+    carriers = np.argsort(-np.abs(w[:, 0]))
+    cut = np.ones(w.shape[0], bool)
+    cut[carriers[: int(np.searchsorted(np.cumsum(np.sort(w[:, 0] ** 2)[::-1]), 0.9995)) + 1]] = False
+    with pytest.raises(GeneOverlapError, match="q.h5: the genes it measures"):
+        project.projection_matrix(w, cut, what="q.h5")
+
+
+def test_calls_become_azimuths_vocabulary_by_depth_and_10xs_in_the_cloud_layout():
+    from dask_annot import outputs
+    from dask_annot.ontology import Levels
+
+    class M:
+        levels = (Levels(fine="naive B cell", coarse="B cell", broad="immune cell", ontology_id="CL:0000788"),
+                  Levels(fine="T cell", coarse="T cell", broad="immune cell", ontology_id="CL:0000084"))
+
+    calls = outputs.calls_from(np.array([0, 0, 0, 0, 1]), prob=np.array([0.9, 0.8, 0.7, 0.1, 0.95]),
+                               count=np.array([30, 20, 10, 3, 33]), depth=np.array([3, 2, 1, 0, 3]))
+    umi = np.array([500, 500, 500, 500, 50])
+    h = outputs.cell_labels(calls, umi, M, layout="hierarchical")
+    assert h["broad_cell_type"].tolist() == ["immune cell", "immune cell", "immune cell", "Unassigned", "Low UMI Barcode"]
+    assert h["coarse_cell_type"].tolist() == ["B cell", "B cell", "Coarse Not Confidently Annotated", "Unassigned", "Low UMI Barcode"]
+    assert h["fine_cell_type"].tolist() == ["naive B cell", "Fine Not Confidently Annotated", "Fine Not Confidently Annotated", "Unassigned", "T cell"]
+    assert h["full_hierarchical_labels"].tolist() == ["immune cell|B cell|naive B cell", "immune cell|B cell", "immune cell", "Unassigned", "immune cell|T cell"]
+    assert h["coarse_cell_type_unfiltered"].tolist() == ["B cell", "B cell", "Coarse Not Confidently Annotated", "Unassigned", "T cell"]
+    c = outputs.cell_labels(calls, umi, M, layout="cloud")
+    assert c["coarse_cell_type"].tolist() == ["B cell", "B cell", "B cell", "Unassigned", "Low UMI Barcode"]
+    assert c["fine_cell_type"].tolist() == ["naive B cell"] * 3 + ["Unassigned", "T cell"]
+    text = outputs.cell_types_csv(np.array(["a", "b", "c", "d", "e"]), calls, umi, M, layout="hierarchical").splitlines()
+    assert text[3] == "c,immune cell,Coarse Not Confidently Annotated,Fine Not Confidently Annotated,immune cell,0.7,Coarse Not Confidently Annotated,500"

@@ -164,3 +164,52 @@ def test_build_reference_then_annotate_with_it(tmp_path):
     mdir = annotate_dir(tmp_path / "out", model=str(tmp_path / "ref"))
     assert mdir.name == "pbmc4k_ref"
     assert json.loads((mdir / "run.json").read_text())["parameters"]["k_used"] == 21
+
+
+def test_several_models_each_write_their_own_folder_from_one_conversion(tmp_path):
+    """`--cell-annotation-model A,B`: one store, one folder per model under cell_types/, each a complete run."""
+    src = shared_path("data", "pbmc4k_soupx", "pbmc4k_2170cells_soupx_labels.h5ad")
+    maps = Path(__file__).resolve().parent.parent / "dask_annot" / "data" / "maps" / "pbmc4k_soupx.csv"
+    ref = tmp_path / "pbmc4k_ref"
+    assert main(["build-reference", "--input", str(src), "--label-column", "Annotation", "--name", "pbmc4k_ref",
+                 "--output", str(ref), "--ontology-map", str(maps), "--exclude-label", "?"]) == 0
+    r = run_cli("annotate", "--id", "two", "--matrix", str(example_path()), "--output-dir", str(tmp_path / "out"), "--quiet",
+                "--cell-annotation-model", f"human_pbmc_v1, {ref}")
+    assert r.returncode == 0, r.stderr
+    base = tmp_path / "out" / "two" / "outs" / "segmented_outs" / "cell_types"
+    assert r.stdout.split() == [str(base / "human_pbmc_v1"), str(base / "pbmc4k_ref")]
+    assert r.stderr.count("converted to") == 1
+    for name in ("human_pbmc_v1", "pbmc4k_ref"):
+        record = json.loads((base / name / "run.json").read_text())
+        assert record["complete"] and record["reference"]["name"] == name
+        assert [row["barcode"] for row in read_rows(base / name / "cell_types.csv")] == list(h5.open_matrix(example_path()).barcodes)
+    r = run_cli("annotate", "--id", "dup", "--matrix", str(example_path()), "--output-dir", str(tmp_path / "out"),
+                "--cell-annotation-model", "human_pbmc_v1,human_pbmc_v1")
+    assert r.returncode == 2 and "names the model 'human_pbmc_v1' twice" in r.stderr
+    assert not (tmp_path / "out" / "dup" / "outs").exists()
+
+
+def test_checkpoints_are_keyed_on_the_code_that_made_them(tmp_path, monkeypatch):
+    """Issue 13 item 9: a changed build must never reuse another build's chunk results."""
+    annotate_dir(tmp_path, chunk_cells=300)
+    chunks = tmp_path / "t" / "work" / "chunks"
+    before = {p.name for p in chunks.iterdir()}
+    monkeypatch.setattr(pipeline, "code_fingerprint", lambda: "another-build")
+    logs = []
+    s = config.resolve(chunk_cells=300)
+    pipeline.annotate("t", example_path(), output_dir=tmp_path, settings=s, log=logs.append)
+    after = {p.name for p in chunks.iterdir()}
+    assert len(after - before) == 1 and not any("resuming" in m for m in logs)
+    monkeypatch.undo()
+    pipeline.annotate("t", example_path(), output_dir=tmp_path, settings=s, log=logs.append)
+    assert any("resuming: 3 of 3 chunks" in m for m in logs)  # the same code finds its own chunks again
+
+
+def test_de_command_takes_the_bundled_example(tmp_path):
+    """Issue 13 item 10: `dask-annot de --matrix example` failed at 0fac772 while annotate accepted it."""
+    info = h5.open_matrix(example_path())
+    groups = tmp_path / "g.csv"
+    groups.write_text("barcode,group\n" + "".join(f"{b},{'A' if i % 2 else 'B'}\n" for i, b in enumerate(info.barcodes)))
+    r = run_cli("de", "--matrix", "example", "--groups", str(groups), "--output", str(tmp_path / "de.csv"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "de.csv").read_text().startswith("Feature ID,Feature Name,A Mean Counts,")
