@@ -312,7 +312,7 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
             f"k={plan.k_used} ({plan.k_rule}); {plan.method} search" + ("; label spreading over the query's own neighbours" if plan.spread else ""))
     settings = _resolve_scheduler(settings, [p.method for p in plans], log, n_cells=st.n_cells)
     for plan in plans:
-        _check_memory(settings, n_cells=st.n_cells, n_genes=plan.alignment.n_reference_genes, k=plan.k_used,
+        check_memory(settings, n_cells=st.n_cells, n_genes=plan.alignment.n_reference_genes, k=plan.k_used,
                       n_ref=plan.model.n_cells, method=plan.method)
     shared = dict(timer.stages)
     results = []
@@ -455,14 +455,16 @@ def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, me
     return int(chunk_cells * per_cell + exact + 64 * 2**20)
 
 
-def _check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_ref: int, method: str) -> None:
-    """Refuse a chunk size whose tasks cannot fit in memory, before the machine starts swapping."""
+def check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_ref: int, method: str,
+                 available: int | None = None) -> None:
+    """Refuse a chunk size whose tasks cannot fit in memory (``available`` bytes; default: what
+    the machine has free now), before the machine starts swapping."""
     import psutil
 
     workers = settings.n_workers or (os.cpu_count() or 1)
     chunk = min(settings.chunk_cells, n_cells)
     need = chunk_memory_bytes(chunk, n_genes=n_genes, k=k, n_ref=n_ref, method=method)
-    have = psutil.virtual_memory().available
+    have = psutil.virtual_memory().available if available is None else int(available)
     if settings.scheduler in ("auto", "threads", "processes", "local") and need * workers > 0.8 * have:
         per_cell = max(1, (need - 64 * 2**20) // max(1, chunk))
         fit = max(100, int(0.8 * have / workers - 64 * 2**20) // per_cell)

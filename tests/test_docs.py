@@ -214,10 +214,6 @@ class PageRun:
     log: str
 
 
-def pipeline_writes_summary() -> bool:
-    return "write_web_summary" in (ROOT / "dask_annot" / "pipeline.py").read_text()
-
-
 def run_page(page: Page, fresh_install, tmp: Path, *, only_needing: str | None = None) -> PageRun:
     checkout, venv = fresh_install
     workdir = tmp / "work"
@@ -320,13 +316,12 @@ def test_every_command_of_the_page_runs(path, page_runs):
         print(f"skipped ({why}): {step.label}")
     if run.failed is not None:
         pytest.fail(_describe_failure(run))
-    tolerated = set() if pipeline_writes_summary() else {"web_summary.html"}
     for n, step in enumerate(run.page.steps):
         if step not in run.ran or not step.expected:
             continue
         out, err = run.outputs[n]
         got = {line.rstrip() for line in (out + "\n" + err).splitlines()}
-        missing = [e for e in step.expected if e.strip() and e.rstrip() not in got and e.strip() not in tolerated]
+        missing = [e for e in step.expected if e.strip() and e.rstrip() not in got]
         assert not missing, f"{path.name} {step.label}: the doc shows output that was not printed: {missing}\n--- printed ---\n{out[-2000:]}{err[-2000:]}"
 
 
@@ -340,8 +335,6 @@ def test_quickstart_summary_opens_in_a_browser(page_runs, tmp_path):
         pytest.fail(_describe_failure(run))
     page = run.workdir / "demo_out/demo/outs/segmented_outs/cell_types/human_pbmc_v1/web_summary.html"
     if not page.exists():
-        if not pipeline_writes_summary():
-            pytest.skip("pipeline.annotate does not call summary.write_web_summary yet (see docs/README-sections.md)")
         pytest.fail(f"{page} was not written by `dask-annot annotate`")
     ensure_chromium()
     profile = tmp_path / "profile"

@@ -215,3 +215,28 @@ def test_calls_become_azimuths_vocabulary_by_depth_and_10xs_in_the_cloud_layout(
     assert c["fine_cell_type"].tolist() == ["naive B cell"] * 3 + ["Unassigned", "T cell"]
     text = outputs.cell_types_csv(np.array(["a", "b", "c", "d", "e"]), calls, umi, M, layout="hierarchical").splitlines()
     assert text[3] == "c,immune cell,Coarse Not Confidently Annotated,Fine Not Confidently Annotated,immune cell,0.7,Coarse Not Confidently Annotated,500"
+
+
+def test_production_projection_equals_the_dense_definition_with_clipping_and_missing_genes(rng):
+    """project_counts' sparse kernel (z-score folded into the loadings, clip corrected only on stored
+    entries) against the definition: clipped dense z-scores times the projection matrix."""
+    n_genes, n_pcs = 40, 6
+    q, _ = np.linalg.qr(rng.normal(size=(n_genes, n_pcs)))
+
+    class M:
+        mean = rng.uniform(0.0, 0.3, n_genes)
+        std = rng.uniform(0.05, 0.5, n_genes)  # small stds: large counts exceed the clip
+        clip = 10.0
+
+    counts = sp.random(300, n_genes, density=0.2, random_state=7, data_rvs=lambda k: rng.integers(1, 60, k)).tocsr()
+    keep = np.ones(300)
+    keep[0] = 0  # an all-zero cell
+    counts = sp.csr_matrix(sp.diags(keep) @ counts)
+    counts.eliminate_zeros()
+    logn = normalize.log_normalize_block(counts, np.asarray(counts.sum(axis=1)).ravel() + 50, 1e4)
+    measured = rng.random(n_genes) > 0.25
+    proj = project.projection_matrix(q, measured)
+    got = project._project_counts_block(logn, project.projection_terms(proj, M.mean, M.std), M)
+    dense = normalize.clipped_zscore(logn.toarray(), M.mean, M.std, M.clip)
+    assert (dense >= M.clip).sum() > 20  # the clip correction is exercised
+    np.testing.assert_allclose(got, (dense @ proj).astype(np.float32), rtol=1e-5, atol=1e-5)
