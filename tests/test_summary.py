@@ -270,7 +270,7 @@ def test_summary_of_a_real_run_holds_every_section(demo_run):
     for name, count in ct["coarse_cell_type"].value_counts().items():
         assert f"{count:,}" in text and name in text
     for name in ct["fine_cell_type"].unique():
-        assert summary._e(name) in text
+        assert summary.esc(name) in text
     # the real parameters, timings, gene overlap
     assert f"k = {rec['parameters']['k_used']}" in text
     assert f"{rec['gene_overlap']['shared_genes']:,} of the reference's {rec['gene_overlap']['reference_genes']:,} genes" in text
@@ -321,7 +321,7 @@ def test_render_is_deterministic_and_escapes_labels():
     a = summary.render_web_summary(record=record, cell_types=df, embedding2d=emb, de=de)
     b = summary.render_web_summary(record=record, cell_types=df, embedding2d=emb, de=de)
     assert a == b
-    assert "B &lt;cell&gt; &amp; &quot;friends&quot;" in a and "<cell>" not in a
+    assert "B &lt;cell&gt; &amp; &#34;friends&#34;" in a and "<cell>" not in a
     assert ">NA <" in a or ">NA</" in a  # the label NA is a label, not a missing value
 
 
@@ -421,3 +421,18 @@ def test_browser_reports_console_errors(browser, tmp_path):
     assert "console.error: boom" in problems
     assert "nosuchfunction" in problems
     assert "network request: http://192.0.2.1/x.png" in problems
+
+
+def test_every_registered_section_has_its_template_and_optional_ones_drop_out():
+    """The registry: one template per section; a section whose build returns None is not on the page."""
+    from importlib import resources
+
+    templates = resources.files("dask_annot.summary").joinpath("templates", "sections")
+    ids = [s.id for s in summary.SECTIONS]
+    assert len(ids) == len(set(ids))
+    for s in summary.SECTIONS:
+        assert templates.joinpath(f"{s.id}.html.j2").is_file(), s.id
+    df, record, emb, de = _synthetic(300)
+    text = summary.render_web_summary(record=record, cell_types=df, embedding2d=emb, de=de)
+    assert 'id="tissue"' not in text and 'href="#tissue"' not in text  # no positions: no tissue map
+    assert text.count("<section id=") == len(ids) - 1
