@@ -53,7 +53,8 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
         return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
     results = pipeline.run(a.id, matrix, models=pipeline.parse_model_specs(a.cell_annotation_model), output_dir=a.output_dir,
-                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet)
+                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet,
+                           allow_bins=a.allow_bins, cell_geometry=a.cell_geometry)
     for res in results:
         print(res.model_dir)
     return 0
@@ -148,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Label every cell of a count matrix and write Space Ranger's cell_types outputs.",
                         epilog="example: dask-annot annotate --id sample1 --matrix filtered_feature_bc_matrix.h5 --output-dir results")
     an.add_argument("--id", required=True, help="run name; outputs go to OUTPUT_DIR/ID/outs/segmented_outs/cell_types/")
-    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, or 'example'")
+    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, "
+                    "'example', or a Space Ranger outs/ (or segmented_outputs/) directory: its cell-segmented filtered matrix")
+    an.add_argument("--allow-bins", action="store_true",
+                    help="annotate Visium HD bins (barcodes s_008um_...) anyway; refused by default, as models are trained on cells")
+    an.add_argument("--cell-geometry", default=None,
+                    help="cell_segmentations.geojson for the tissue map and obsm['spatial'] (default: the one beside the matrix)")
     an.add_argument("--cell-annotation-model", default=None,
                     help="one or more models, comma-separated: auto (the built-in kNN model for the species), a built-in "
                          "model name, or a reference directory; each writes its own folder under cell_types/ "

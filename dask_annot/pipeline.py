@@ -18,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
-from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, store, summary, vote
+from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, store, summary, visium, vote
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -59,6 +60,7 @@ class RunResult:
     model_dir: Path
     record: dict
     embedding2d: np.ndarray | None = None  # first two reference PCs per cell, matrix order
+    positions: Any = None  # visium.Positions of the cells (Visium HD with cell geometry), matrix order
 
 
 def _versions() -> dict:
@@ -182,26 +184,32 @@ def _check_cells(n: int, path: str, settings: Settings, log) -> None:
 
 
 def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir: str | Path = ".",
-             settings: Settings, log=print, progress: bool = False, client=None) -> RunResult:
+             settings: Settings, log=print, progress: bool = False, client=None, allow_bins: bool = False,
+             cell_geometry: str | Path | None = None) -> RunResult:
     """Annotate one matrix with one model and write the outputs; returns where they are.
 
     ``client``: an existing ``distributed.Client`` to run on (used as is, not closed).
     """
     return run(run_id, matrix, models=[model], output_dir=output_dir, settings=settings, log=log,
-               progress=progress, client=client)[0]
+               progress=progress, client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)[0]
 
 
 def run(run_id: str, matrix: str | Path, *, models: Sequence[str] | None = None, output_dir: str | Path = ".",
-        settings: Settings, log=print, progress: bool = False, client=None) -> list[RunResult]:
+        settings: Settings, log=print, progress: bool = False, client=None, allow_bins: bool = False,
+        cell_geometry: str | Path | None = None) -> list[RunResult]:
     """Annotate one matrix with each of ``models`` (default: :func:`default_models`), each
     model's outputs in its own folder under ``cell_types/``; returns them in order.
 
     The matrix is converted once; the query's own neighbour graph, when a model needs
     it, is built once and shared; one Dask client serves every model.
+
+    ``matrix`` may be a Space Ranger ``outs/`` (Visium HD): see :mod:`dask_annot.visium`;
+    binned matrices are refused unless ``allow_bins``; ``cell_geometry`` overrides the
+    ``cell_segmentations.geojson`` found beside the matrix.
     """
     try:
         return _run(run_id, matrix, specs=models, output_dir=output_dir, settings=settings, log=log,
-                    progress=progress, client=client)
+                    progress=progress, client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)
     except OSError as exc:
         if isinstance(exc, DaskAnnotError) or exc.errno not in _WRITE_ERRNOS:
             raise
@@ -293,12 +301,22 @@ def _load_graph(path: str) -> dict:
 
 
 def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output_dir: str | Path,
-         settings: Settings, log, progress: bool, client) -> list[RunResult]:
+         settings: Settings, log, progress: bool, client, allow_bins: bool = False,
+         cell_geometry: str | Path | None = None) -> list[RunResult]:
     timer = Timer()
     if not run_id or "/" in run_id or run_id in (".", ".."):
         raise ConfigError(f"--id '{run_id}' must be a plain name (letters, digits, - and _)")
     root = Path(output_dir) / run_id
-    st, fp = prepare_store(matrix, root / "work", settings, timer, log)
+    vis = visium.resolve(matrix, allow_bins=allow_bins, cell_geometry=cell_geometry)
+    if not store.is_store(vis.matrix):
+        visium.check_barcodes(vis, h5.open_matrix(vis.matrix).barcodes, allow_bins=allow_bins)
+    for w in vis.warnings:
+        log(f"warning: {w}")
+    st, fp = prepare_store(vis.matrix, root / "work", settings, timer, log)
+    with timer.stage("geometry"):
+        positions = visium.positions(vis, st.barcodes, cache_dir=root / "work")
+    if vis.matrix != vis.given or positions is not None or vis.bin_size_um:
+        fp["visium"] = {**vis.record(), **(positions.record if positions is not None else {})}
     specs = parse_model_specs(specs) or default_models(st)
     with timer.stage("load_model"):
         plans = [plan_model(spec, st, settings) for spec in specs]
@@ -320,12 +338,14 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
         graph = _QueryGraph(st, root / "work", fp)
         for plan in plans:
             results.append(_run_knn(plan, st, fp, root=root, run_id=run_id, output_dir=output_dir, settings=settings,
-                                    log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared))
+                                    log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared,
+                                    run_warnings=vis.warnings, positions=positions))
     return results
 
 
 def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id: str, output_dir, settings: Settings,
-             log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict) -> RunResult:
+             log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict,
+             run_warnings: Sequence[str] = (), positions: Any = None) -> RunResult:
     timer = Timer()
     mdl, al = plan.model, plan.alignment
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
@@ -378,14 +398,17 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
         },
     }
+    if run_warnings:
+        record["warnings"] = list(run_warnings)
     return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
                         progress=progress, active=active, record=record, shared_timings=shared_timings,
-                        files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d)
+                        files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d,
+                        positions=positions)
 
 
 def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir: Path, run_id: str, settings: Settings,
                  timer: Timer, log, progress: bool, active, record: dict, shared_timings: dict, files: dict,
-                 embedding2d: np.ndarray | None) -> RunResult:
+                 embedding2d: np.ndarray | None, positions: Any = None) -> RunResult:
     """DE between the final coarse types, then every output of one model (run.json last)."""
     umi_all = st.umi_count
     labels = outputs.cell_labels(calls, umi_all, mdl, layout=settings.layout)
@@ -437,11 +460,12 @@ def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir:
     with timer.stage("summary"):
         record["timings_s"] = timings()
         summary.write_web_summary(mdir / "web_summary.html", record=record, cell_types=summary.read_cell_types(mdir / "cell_types.csv"),
-                                  embedding2d=embedding2d, de=de_df)
+                                  embedding2d=embedding2d, de=de_df,
+                                  spatial=positions.summary_spatial() if positions is not None else None)
     record["timings_s"] = timings()
     outputs.write_run_record(mdir / "run.json", record)
     log(f"{mdl.name} timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
-    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d)
+    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d, positions=positions)
 
 
 def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, method: str) -> int:
@@ -643,6 +667,9 @@ def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = N
     de = pd.read_csv(de_path, keep_default_na=False, na_values=["NaN"]) if de_path.is_file() else None
     if embedding2d is None:
         embedding2d = reference_pcs(record)
+    pos = visium.positions_for_record(record, cell_types["barcode"].to_numpy(), cache_dir=mdir.parents[3] / "work"
+                                      if len(mdir.parents) > 3 else None)
     out = mdir / summary.FILENAME
-    summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de)
+    summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de,
+                              spatial=pos.summary_spatial() if pos is not None else None)
     return out
