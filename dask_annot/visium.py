@@ -157,7 +157,7 @@ def check_barcodes(vis: VisiumInput, barcodes: np.ndarray, *, allow_bins: bool =
 # ----------------------------------------------------------------------------- geometry
 
 
-def _ring_centroid(ring: list) -> tuple[float, float, float]:
+def ring_centroid(ring: list) -> tuple[float, float, float]:
     """Area-weighted centroid and absolute area of a closed ring (vertex mean if degenerate)."""
     a = np.asarray(ring, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] < 2:
@@ -176,9 +176,9 @@ def _ring_centroid(ring: list) -> tuple[float, float, float]:
 def _feature_centroid(geom: dict) -> tuple[float, float, float]:
     kind = geom.get("type")
     if kind == "Polygon":
-        return _ring_centroid(geom["coordinates"][0])
+        return ring_centroid(geom["coordinates"][0])
     if kind == "MultiPolygon":  # the largest part
-        parts = [_ring_centroid(p[0]) for p in geom["coordinates"] if p]
+        parts = [ring_centroid(p[0]) for p in geom["coordinates"] if p]
         return max(parts, key=lambda t: t[2]) if parts else (float("nan"), float("nan"), 0.0)
     if kind == "Point":
         c = geom["coordinates"]
