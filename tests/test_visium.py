@@ -198,11 +198,13 @@ def _check_tissue_map(browser, page: Path, tmp_path: Path, shot: str) -> float:
     return opened
 
 
+@pytest.mark.browser
 def test_tissue_map_of_the_outs_run_renders_in_chromium(browser, outs_run, tmp_path):
     mdir, _ = outs_run
     _check_tissue_map(browser, mdir / "web_summary.html", tmp_path, "visium_tissue_map.png")
 
 
+@pytest.mark.browser
 def test_tissue_map_of_2000_cells_renders_in_chromium(browser, tmp_path):
     df, record, emb, de, sp = _spatial_table(2000)
     page = tmp_path / "web_summary.html"
