@@ -134,12 +134,20 @@ def prepare(record: dict, cell_types: Any, embedding2d: np.ndarray | None = None
 
 
 def ranked(values: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Unique values by count (desc, then name) with each row's rank code and the counts."""
-    names, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    order = np.lexsort((names, -counts))
+    """Unique values by count (desc, then name) with each row's rank code and the counts.
+
+    Hash-based (pandas.factorize, then a sort of the few unique names), so a million
+    labels take well under a second; the result does not depend on the row order.
+    """
+    import pandas as pd
+
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), sort=False)
+    names = np.asarray([str(u) for u in uniques], dtype=object)
+    counts = np.bincount(codes, minlength=names.size) if names.size else np.zeros(0, np.int64)
+    order = np.lexsort((names.astype(str), -counts)) if names.size else np.zeros(0, np.int64)
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
-    return [str(x) for x in names[order]], rank[inverse.ravel()].astype(np.int64), counts[order]
+    return [str(x) for x in names[order]], rank[codes].astype(np.int64), counts[order]
 
 
 def colours(names: list[str]) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """The tissue map: every cell at its position, coloured by type, rasterised on the server.
 
 A million SVG or canvas points would make the page tens of megabytes and slow to
-open; instead each cell is painted as a small square into a fixed-size RGB raster
-(:data:`MAX_SIDE` pixels on the longer side) over the low-resolution tissue image,
-and the raster is inlined as a PNG. The page's size then depends on the picture, not
+open; instead each cell is painted as a small square into a fixed-size raster
+(:data:`MAX_SIDE` pixels on the longer side) over the low-resolution tissue image
+(faded, quantised to :data:`BG_COLOURS` colours), and the raster is inlined as a
+palette PNG (one byte per pixel before compression). The page's size then depends on the picture, not
 on the cell count. Where cells share a pixel, the smaller type wins (so rare types stay
 visible); this is decided with ``np.maximum.at``, so the picture does not depend on
 cell order.
@@ -19,7 +20,6 @@ from markupsafe import Markup
 from .data import MAX_FINE_ROWS, OTHER_COLOUR, SummaryData, legend_items
 
 MAX_SIDE = 1000
-CELL_ALPHA = 0.9
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
@@ -66,11 +66,14 @@ def frame(d: SummaryData) -> dict:
             "px": px, "py": py, "side": side, "placed": placed}
 
 
-def background(d: SummaryData, fr: dict) -> np.ndarray:
-    """The tissue image resized to the raster (RGB uint8), or white."""
+BG_COLOURS = 190  # palette entries for the (faded) tissue image; the rest are the types' colours
+
+
+def background(d: SummaryData, fr: dict) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The faded tissue image at the raster's size as palette indices (uint8) and its palette; or white."""
     sp = d.spatial
     if sp is None or sp.image is None:
-        return np.full((fr["height"], fr["width"], 3), 255, dtype=np.uint8)
+        return np.zeros((fr["height"], fr["width"]), dtype=np.uint8), [(255, 255, 255)]
     from PIL import Image
 
     img = np.asarray(sp.image)
@@ -81,12 +84,15 @@ def background(d: SummaryData, fr: dict) -> np.ndarray:
         img = np.repeat(img[:, :, None], 3, axis=2)
     im = Image.fromarray(np.ascontiguousarray(img[:, :, :3])).resize((fr["width"], fr["height"]), Image.Resampling.BILINEAR)
     # fade the tissue so the cells' colours read against it
-    return (np.asarray(im, dtype=np.float64) * 0.55 + 255 * 0.45).astype(np.uint8)
+    faded = (np.asarray(im, dtype=np.float64) * 0.55 + 255 * 0.45).round().astype(np.uint8)
+    q = Image.fromarray(faded).quantize(colors=BG_COLOURS, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    pal = q.getpalette()[: 3 * BG_COLOURS]
+    return np.asarray(q, dtype=np.uint8), [tuple(pal[i:i + 3]) for i in range(0, len(pal), 3)]
 
 
 def raster(d: SummaryData, fr: dict, codes: np.ndarray, names: list[str], colour: dict[str, str],
-           base: np.ndarray) -> np.ndarray:
-    """The RGB picture of the cells coloured by ``codes`` (rank codes: 0 = largest type)."""
+           base: tuple[np.ndarray, list]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    """The picture of the cells coloured by ``codes`` (rank codes: 0 = largest type), as palette indices and palette."""
     w, h, s = fr["width"], fr["height"], fr["side"]
     ok = fr["ok"]
     n_named = min(len(names), MAX_FINE_ROWS)
@@ -101,22 +107,25 @@ def raster(d: SummaryData, fr: dict, codes: np.ndarray, names: list[str], colour
             x, y = px + dx, py + dy
             inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
             np.maximum.at(top, y[inside] * w + x[inside], prio[inside])
-    lut = np.zeros((n_named + 2, 3), dtype=np.float64)
-    lut[0] = _rgb(OTHER_COLOUR)
-    for g in range(n_named):
-        lut[g + 1] = _rgb(colour[names[g]])
-    out = base.reshape(-1, 3).astype(np.float64)
+    bg_idx, bg_pal = base
+    first = len(bg_pal)  # type colours follow the background's palette entries
+    palette = list(bg_pal) + [_rgb(OTHER_COLOUR)] + [_rgb(colour[names[g]]) for g in range(n_named)]
+    out = bg_idx.reshape(-1).copy()
     hit = top >= 0
-    out[hit] = (1 - CELL_ALPHA) * out[hit] + CELL_ALPHA * lut[top[hit]]
-    return out.reshape(h, w, 3).round().astype(np.uint8)
+    out[hit] = (first + top[hit]).astype(np.uint8)
+    return out.reshape(h, w), palette
 
 
-def png_data_uri(rgb: np.ndarray) -> str:
-    """A PNG of the picture as a data: URI (deterministic bytes: no timestamp is written)."""
+def png_data_uri(picture: tuple[np.ndarray, list[tuple[int, int, int]]]) -> str:
+    """A palette PNG of the picture as a data: URI (deterministic bytes: no timestamp is written)."""
     from PIL import Image
 
+    idx, palette = picture
+    im = Image.fromarray(idx)  # mode L; putpalette makes it P with these indices
+    flat = [c for rgb in palette for c in rgb]
+    im.putpalette(flat + [0] * (768 - len(flat)))
     buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="PNG", compress_level=9)
+    im.save(buf, format="PNG", optimize=False, compress_level=9)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
