@@ -162,15 +162,16 @@ def ring_centroid(ring: list) -> tuple[float, float, float]:
     a = np.asarray(ring, dtype=np.float64)
     if a.ndim != 2 or a.shape[0] == 0 or a.shape[1] < 2:
         return float("nan"), float("nan"), 0.0
-    x, y = a[:, 0], a[:, 1]
+    ox, oy = float(a[0, 0]), float(a[0, 1])  # relative to the first vertex: no cancellation at large coordinates
+    x, y = a[:, 0] - ox, a[:, 1] - oy
     xn, yn = np.roll(x, -1), np.roll(y, -1)
     cross = x * yn - xn * y
     area2 = float(cross.sum())
     if abs(area2) < 1e-12:
-        return float(x.mean()), float(y.mean()), 0.0
+        return float(x.mean()) + ox, float(y.mean()) + oy, 0.0
     cx = float(((x + xn) * cross).sum() / (3.0 * area2))
     cy = float(((y + yn) * cross).sum() / (3.0 * area2))
-    return cx, cy, abs(area2) / 2.0
+    return cx + ox, cy + oy, abs(area2) / 2.0
 
 
 def _feature_centroid(geom: dict) -> tuple[float, float, float]:
@@ -184,6 +185,53 @@ def _feature_centroid(geom: dict) -> tuple[float, float, float]:
         c = geom["coordinates"]
         return float(c[0]), float(c[1]), 0.0
     raise ValueError(f"geometry type {kind!r}")
+
+
+class _RingBatch:
+    """Outer rings gathered flat, their centroids computed together with NumPy (shoelace)."""
+
+    SIZE = 65_536
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.lens: list[int] = []
+        self.xs: list[float] = []
+        self.ys: list[float] = []
+
+    def add(self, row: int, ring: list) -> None:
+        self.rows.append(row)
+        self.lens.append(len(ring))
+        for v in ring:
+            self.xs.append(v[0])
+            self.ys.append(v[1])
+
+    def full(self) -> bool:
+        return len(self.rows) >= self.SIZE
+
+    def centroids(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rows = np.asarray(self.rows, dtype=np.int64)
+        lens = np.asarray(self.lens, dtype=np.int64)
+        x = np.asarray(self.xs, dtype=np.float64)
+        y = np.asarray(self.ys, dtype=np.float64)
+        self.__init__()
+        if rows.size == 0:
+            return rows, x[:0], x[:0], x[:0]
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+        # relative to each ring's first vertex: no cancellation at large pixel coordinates
+        x0, y0 = np.repeat(x[starts], lens), np.repeat(y[starts], lens)
+        x, y = x - x0, y - y0
+        nxt = np.arange(1, x.size + 1)
+        nxt[starts + lens - 1] = starts
+        xn, yn = x[nxt], y[nxt]
+        cross = x * yn - xn * y
+        a2 = np.add.reduceat(cross, starts)
+        sx = np.add.reduceat((x + xn) * cross, starts)
+        sy = np.add.reduceat((y + yn) * cross, starts)
+        flat = np.abs(a2) < 1e-12
+        safe = np.where(flat, 1.0, a2)
+        cx = np.where(flat, np.add.reduceat(x, starts) / lens, sx / (3.0 * safe)) + x0[starts]
+        cy = np.where(flat, np.add.reduceat(y, starts) / lens, sy / (3.0 * safe)) + y0[starts]
+        return rows, cx, cy, np.where(flat, 0.0, np.abs(a2) / 2.0)
 
 
 def cell_barcode(cell_id) -> str:
@@ -210,6 +258,12 @@ def read_centroids(path: str | Path, barcodes: np.ndarray) -> dict:
     xy = np.full((n, 2), np.nan)
     area = np.full(n, np.nan)
     polygons = matched = 0
+    batch = _RingBatch()
+
+    def flush() -> None:
+        rows, cx, cy, ar = batch.centroids()
+        xy[rows, 0], xy[rows, 1], area[rows] = cx, cy, ar
+
     try:
         with open(p, "rb") as fh:
             for feat in ijson.items(fh, "features.item", use_float=True):
@@ -230,10 +284,17 @@ def read_centroids(path: str | Path, barcodes: np.ndarray) -> dict:
                 row = index.get(bc)
                 if row is None:
                     continue  # a segmented cell that did not pass filtering
-                cx, cy, ar = _feature_centroid(feat.get("geometry") or {})
-                xy[row] = (cx, cy)
-                area[row] = ar
+                geom = feat.get("geometry") or {}
+                if geom.get("type") == "Polygon" and geom["coordinates"] and len(geom["coordinates"][0]) >= 3:
+                    batch.add(row, geom["coordinates"][0])
+                    if batch.full():
+                        flush()
+                else:
+                    cx, cy, ar = _feature_centroid(geom)
+                    xy[row] = (cx, cy)
+                    area[row] = ar
                 matched += 1
+        flush()
     except OSError as exc:
         raise InputNotFoundError(f"{p}: cannot read ({exc.strerror or exc}); check --cell-geometry") from exc
     except (ijson.JSONError, ValueError, KeyError, IndexError, TypeError) as exc:

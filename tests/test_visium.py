@@ -146,6 +146,35 @@ def test_centroid_of_an_l_shaped_manhattan_outline():
     assert (cx, cy) == pytest.approx((5 / 3, 5 / 3))  # not the vertex mean (1.71, 1.71)
 
 
+def test_streamed_centroids_equal_the_polygon_formula(tmp_path):
+    """The batched reader gives each polygon's area centroid, at real pixel magnitudes, whatever the batch cut."""
+    rng = np.random.default_rng(5)
+    feats, expected = [], []
+    for cid in range(1, 301):
+        # a random Manhattan outline: a rectangle with one corner notch, far from the origin
+        x0, y0 = rng.uniform(20_000, 30_000, 2).round(1)
+        w, h, nx, ny = rng.uniform(20, 40), rng.uniform(20, 40), rng.uniform(2, 10), rng.uniform(2, 10)
+        ring = [[x0, y0], [x0 + w, y0], [x0 + w, y0 + h - ny], [x0 + w - nx, y0 + h - ny], [x0 + w - nx, y0 + h], [x0, y0 + h], [x0, y0]]
+        ring = [[round(a, 1), round(b, 1)] for a, b in ring]
+        if cid == 7:
+            ring = [[x0, y0], [x0 + 5, y0], [x0, y0]]  # degenerate: no area, vertex mean
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": {"cell_id": cid}})
+        expected.append(visium.ring_centroid(ring))
+    path = tmp_path / "cells.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    barcodes = np.array([visium.cell_barcode(i) for i in range(1, 301)])
+    old = visium._RingBatch.SIZE  # noqa: SLF001 (cut the batches small, to cross their boundaries)
+    try:
+        visium._RingBatch.SIZE = 64  # noqa: SLF001
+        c = visium.read_centroids(path, barcodes)
+    finally:
+        visium._RingBatch.SIZE = old  # noqa: SLF001
+    exp = np.asarray(expected)
+    np.testing.assert_allclose(c["xy"], exp[:, :2], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(c["area"], exp[:, 2], rtol=1e-9, atol=1e-6)
+    assert c["area"][6] == 0.0
+
+
 def test_geometry_of_another_run_or_not_geojson_is_refused(tmp_path):
     other = tmp_path / "other.geojson"
     other.write_text(visium_tree.geojson_text(np.array([5_000_001, 5_000_002]), np.array([[1.0, 1.0], [9.0, 9.0]]), 2.0))
