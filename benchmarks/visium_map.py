@@ -114,7 +114,19 @@ print(json.dumps({"read_s": round(dt, 2), "peak_rss_gb": round(resource.getrusag
 """
 
 
-def bench_geojson(n: int, out: Path) -> dict:
+BASELINE_CHILD = r"""
+import json, resource, sys, time
+import ijson
+t0 = time.perf_counter()
+if sys.argv[2] == "ijson":
+    n = sum(1 for _ in ijson.items(open(sys.argv[1], "rb"), "features.item", use_float=True))
+else:
+    n = len(json.load(open(sys.argv[1]))["features"])
+print(json.dumps({"s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3), "features": n}))
+"""
+
+
+def bench_geojson(n: int, out: Path, *, baseline: bool = False) -> dict:
     rng = np.random.default_rng(1)
     path = out / "cell_segmentations.geojson"
     half = 18.3
@@ -134,6 +146,10 @@ def bench_geojson(n: int, out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", GEOJSON_CHILD, str(path), str(n)], capture_output=True, text=True, env=env, check=True)
     res = {"cells": n, "geojson_mb": round(size / 1e6, 1), **json.loads(r.stdout)}
+    if baseline:  # the parser alone, and json.load of the whole file, on the same file
+        for how in ("ijson", "json.load"):
+            r = subprocess.run([sys.executable, "-c", BASELINE_CHILD, str(path), how], capture_output=True, text=True, check=True)
+            res[f"baseline_{how}"] = json.loads(r.stdout)
     path.unlink()
     return res
 
@@ -142,6 +158,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, nargs="+", default=[2000, 1_200_000])
     ap.add_argument("--geojson", type=int, default=None, help="also time read_centroids on a GeoJSON of this many cells")
+    ap.add_argument("--baseline", action="store_true", help="with --geojson: also time ijson alone and json.load on the same file")
     a = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()}, "pages": [], "geojson": None}
@@ -154,7 +171,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
             out["pages"].append(r)
         if a.geojson:
-            out["geojson"] = bench_geojson(a.geojson, Path(tmp))
+            out["geojson"] = bench_geojson(a.geojson, Path(tmp), baseline=a.baseline)
             print(json.dumps(out["geojson"]), flush=True)
     (RESULTS / "visium_map.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = ["# Visium HD tissue map: page size and render time", "",
@@ -167,6 +184,11 @@ def main() -> None:
         g = out["geojson"]
         lines += ["", f"cell_segmentations.geojson of {g['cells']:,} cells ({g['geojson_mb']} MB): read_centroids (ijson, streamed) "
                   f"{g['read_s']} s, peak RSS of the reading process {g['peak_rss_gb']} GB."]
+        for how in ("ijson", "json.load"):
+            if f"baseline_{how}" in g:
+                bl = g[f"baseline_{how}"]
+                lines.append(f"Same file, {how} alone: {bl['s']} s, peak RSS {bl['peak_rss_gb']} GB.")
+        lines += ["", "Timings are wall-clock on a 2-core machine shared with other jobs; sizes are exact."]
     (RESULTS / "visium_map.md").write_text("\n".join(lines) + "\n")
 
 

@@ -242,6 +242,29 @@ def test_tissue_map_of_2000_cells_renders_in_chromium(browser, tmp_path):
     _check_tissue_map(browser, page, tmp_path, "visium_tissue_map_2k.png")
 
 
+@pytest.mark.browser
+@pytest.mark.slow
+def test_tissue_map_of_1_2_million_cells_is_small_and_renders_in_chromium(browser, tmp_path):
+    df, record, emb, de, sp = _spatial_table(1_200_000)
+    page = tmp_path / "web_summary.html"
+    summary.write_web_summary(page, record=record, cell_types=df, embedding2d=emb, de=de, spatial=sp)
+    size = page.stat().st_size
+    assert size < 1_600_000, size  # a raster: the page does not grow with the cells
+    _check_tissue_map(browser, page, tmp_path, "visium_tissue_map_1.2M.png")
+
+
+def test_summary_rebuild_keeps_the_tissue_map(outs_run):
+    from dask_annot import pipeline
+
+    mdir, _ = outs_run
+    before = (mdir / "web_summary.html").read_text()
+    page = pipeline.rebuild_summary(mdir)
+    after = page.read_text()
+    assert '<section id="tissue">' in after
+    pngs = lambda t: [x.split('"')[0] for x in t.split('src="data:image/png;base64,')[1:]]  # noqa: E731
+    assert pngs(after) == pngs(before) and len(pngs(after)) == 2
+
+
 def test_tissue_map_is_deterministic_and_pixels_hold_the_types_colours():
     from PIL import Image
     import base64
