@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -102,27 +101,35 @@ def bench_page(n: int, out: Path) -> dict:
 
 
 GEOJSON_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+def peak_gb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e6, 3)
 import numpy as np
 from dask_annot import visium
 n = int(sys.argv[2])
 t0 = time.perf_counter()
 c = visium.read_centroids(sys.argv[1], np.array([f"cellid_{i + 1:09d}-1" for i in range(n)]))
 dt = time.perf_counter() - t0
-print(json.dumps({"read_s": round(dt, 2), "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+print(json.dumps({"read_s": round(dt, 2), "peak_rss_gb": peak_gb(),
                   "matched": c["matched"], "polygons": c["polygons"]}))
 """
 
 
 BASELINE_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
+def peak_gb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1e6, 3)
 import ijson
 t0 = time.perf_counter()
 if sys.argv[2] == "ijson":
     n = sum(1 for _ in ijson.items(open(sys.argv[1], "rb"), "features.item", use_float=True))
 else:
     n = len(json.load(open(sys.argv[1]))["features"])
-print(json.dumps({"s": round(time.perf_counter() - t0, 2), "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3), "features": n}))
+print(json.dumps({"s": round(time.perf_counter() - t0, 2), "peak_rss_gb": peak_gb(), "features": n}))
 """
 
 
