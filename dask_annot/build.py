@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, h5, knn
+from . import __version__, confidence, h5, knn
 from .errors import ConfigError, InputFormatError
 from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
 from .ontology import CL_RELEASE, levels_for, read_ontology_map
@@ -317,6 +317,11 @@ def build_reference(
         "datasets": list(datasets),
         "knn": knn_meta,
     }
+    # novelty thresholds and calibration maps (see dask_annot.confidence)
+    meta["confidence"] = confidence.fit(
+        lambda: (cells.read(a, b)[sel] for a, b, sel in cells.kept_blocks(cells_per_block)), label_codes=label_codes,
+        labels=fine_names, levels=[levels_by_fine[f] for f in fine_names], embedding=embedding, dataset_codes=dataset_codes,
+        n_datasets=len(datasets), n_genes=int(cells.gene_ids.size), seed=seed)
     return _write_artifact(output, arrays, meta, extra_files=extra_files)
 
 

@@ -24,7 +24,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, store, summary, visium, vote
+from . import __version__, align, confidence, consensus, de, h5, knn, normalize, outputs, project, store, summary, visium, vote
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -61,6 +61,7 @@ class RunResult:
     record: dict
     embedding2d: np.ndarray | None = None  # first two reference PCs per cell, matrix order
     positions: Any = None  # visium.Positions of the cells (Visium HD with cell geometry), matrix order
+    calls: np.ndarray | None = None  # outputs.CALL_DTYPE per cell, matrix order
 
 
 def _versions() -> dict:
@@ -355,7 +356,11 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
     bounds = np.cumsum((0,) + nbrs.chunks[0])
     emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
-    ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds)
+    conf = confidence.Confidence.from_model(mdl, al.query_index)
+    use_conf = conf is not None and settings.reject != "none"
+    scores = plan.spread or use_conf
+    fstats = confidence.foreign_stats(align.align(store.counts_array(st, chunk_cells=settings.chunk_cells), al), conf) if use_conf else None
+    ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []
     for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
@@ -363,24 +368,38 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
         else:
-            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, plan.spread))
+            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, scores))
     if done:
         log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
-    graph_task = graph.task() if plan.spread and parts else None
+    graph_task = graph.task() if scores and parts else None
     with timer.stage("annotate"), _progress(progress, active):
-        parts, graph_value = dask.compute(parts, graph_task)
+        parts, graph_value, fstats = dask.compute(parts, graph_task, fstats)
     votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
     members = [p[1] for p in parts]
     embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
     consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
     if graph_value is not None:
         graph.value = graph_value
+    rejected = shares = None
+    if use_conf:  # cells unlike the reference, tested on the vote's label (see dask_annot.confidence)
+        rejected, _ = confidence.novel(conf, fstats, votes_np["fine"], graph_value["nbr"] if graph_value else None)
+        shares = np.concatenate([p[4] for p in parts]) if parts else np.zeros((0, len(mdl.labels)))
+    if plan.spread and graph_value is not None:
         counts = np.concatenate([p[3] for p in parts])
         p0 = np.concatenate([p[4] for p in parts])
         with timer.stage("consensus"):
-            votes_np, consensus_rec = consensus.apply(votes_np, counts, p0, graph_value, log=log)
+            votes_np, consensus_rec, shares = consensus.apply_with_scores(votes_np, counts, p0, graph_value, log=log,
+                                                                          keep=None if rejected is None else ~rejected)
         del counts, p0
-    calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
+    if use_conf:
+        depth, prob = confidence.calibrated(conf, shares, votes_np["fine"])
+        depth[rejected] = outputs.DEPTH_NONE
+        calls = outputs.calls_from(votes_np["fine"], prob=prob, count=votes_np["count"], depth=depth)
+        log(f"{mdl.name}: {int(rejected.sum())} of {len(rejected)} cells unlike the reference (Unassigned)")
+    else:
+        calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
+    conf_rec = confidence.record(conf, reject=settings.reject, rejected=rejected, fine=votes_np["fine"], labels=mdl.labels,
+                                 depth=calls["depth"] if use_conf else None)
     record = {
         "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
                       "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
@@ -389,7 +408,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         "parameters": {
             "k_requested": settings.k, "k_used": plan.k_used, "k_rule": plan.k_rule,
             "vote": "class-balanced plurality (small reference)" if plan.balanced else "plurality (10x)",
-            "consensus": consensus_rec,
+            "consensus": consensus_rec, "reject": settings.reject,
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
             "knn_method": plan.method, "ann_epsilon": settings.ann_epsilon if plan.method == "ann" else None,
@@ -397,6 +416,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
             "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
         },
+        "confidence": conf_rec,
     }
     if run_warnings:
         record["warnings"] = list(run_warnings)
@@ -465,7 +485,7 @@ def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir:
     record["timings_s"] = timings()
     outputs.write_run_record(mdir / "run.json", record)
     log(f"{mdl.name} timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
-    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d, positions=positions)
+    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d, positions=positions, calls=calls)
 
 
 def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, method: str) -> int:
@@ -536,13 +556,13 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _checkpoint_dir(work: Path, fp: dict, plan: KnnPlan, settings: Settings, bounds) -> Path:
+def _checkpoint_dir(work: Path, fp: dict, plan: KnnPlan, settings: Settings, bounds, *, scores: bool = False) -> Path:
     """Per-chunk results live under a key of everything that determines them, the code included."""
     mdl = plan.model
     key = json.dumps({
         "input": fp.get("sha256"), "reference": mdl.meta.get("checksums"), "model": mdl.name, "k": plan.k_used,
         "method": plan.method, "epsilon": settings.ann_epsilon if plan.method == "ann" else None, "balanced": plan.balanced,
-        "bounds": [int(b) for b in bounds], "code": code_fingerprint(), "scores": plan.spread,
+        "bounds": [int(b) for b in bounds], "code": code_fingerprint(), "scores": scores,
     }, sort_keys=True)
     return work / "chunks" / f"{mdl.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
