@@ -56,6 +56,8 @@ TEMPERATURE = 1.0
 CONFIDENT_P = 0.5
 UNASSIGNED_Z = 1.0
 MIN_SHARED_GENES = 5
+MIN_MEASURED = 0.5
+MIN_MEASURED_GENES = 2
 
 
 def parameters() -> dict:
@@ -121,6 +123,30 @@ def read_marker_table(path: str | os.PathLike) -> MarkerTable:
                        sign=np.array(sg, np.int8), organs={t: sorted(organs[k]) for t, k in enumerate(keys)})
 
 
+def inherit_markers(table: MarkerTable) -> MarkerTable:
+    """Each type also carries the markers of its Cell Ontology ancestors that are types of the
+    same table (a CD8 T cell is a T cell: T cell markers are evidence for it, their absence
+    evidence against it); a type's own sign for a gene wins."""
+    from .ontology import cell_ontology
+
+    cl = cell_ontology()
+    tcode = {term: t for t, (_, term) in enumerate(table.types) if term}
+    own: dict[int, dict[int, int]] = {}
+    for t, g, s in zip(table.type_idx.tolist(), table.gene_idx.tolist(), table.sign.tolist()):
+        own.setdefault(t, {})[g] = s
+    ti, gi, sg = [], [], []
+    for t, (_, term) in enumerate(table.types):
+        merged = dict(own.get(t, {}))
+        if term and term in cl:
+            for anc, _dist in sorted(cl[term]["ancestors"].items(), key=lambda x: (x[1], x[0])):
+                for g, s in sorted(own.get(tcode.get(anc, -1), {}).items()):
+                    merged.setdefault(g, s)
+        for g, s in sorted(merged.items()):
+            ti.append(t), gi.append(g), sg.append(s)
+    return MarkerTable(types=table.types, genes=table.genes, type_idx=np.array(ti, np.int32), gene_idx=np.array(gi, np.int32),
+                       sign=np.array(sg, np.int8), organs=table.organs)
+
+
 def marker_artifact(table: MarkerTable, *, name: str, species: str, version: str, source: dict) -> tuple[dict, dict]:
     """Arrays and metadata of a marker model (written by :func:`dask_annot.build.build_marker_reference`)."""
     levels = [levels_for(label, term) for label, term in table.types]
@@ -128,11 +154,14 @@ def marker_artifact(table: MarkerTable, *, name: str, species: str, version: str
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
         raise ConfigError(f"marker table: the cell type name(s) {sorted(dup)[:3]} appear under more than one id; give each type one ontology_id")
+    df = np.bincount(table.gene_idx[table.sign > 0], minlength=len(table.genes))  # before inheritance
+    table = inherit_markers(table)
     n_pos = np.bincount(table.type_idx[table.sign > 0], minlength=len(labels))
     if np.any(n_pos == 0):
         bad = [labels[i] for i in np.flatnonzero(n_pos == 0)][:3]
         raise ConfigError(f"marker table: cell type(s) {bad} have no positive marker; give every type at least one positive marker gene")
-    arrays = {"genes": np.array(table.genes, dtype=str), "type_idx": table.type_idx, "gene_idx": table.gene_idx, "sign": table.sign}
+    arrays = {"genes": np.array(table.genes, dtype=str), "type_idx": table.type_idx, "gene_idx": table.gene_idx, "sign": table.sign,
+              "gene_types": np.maximum(df, 1).astype(np.int32)}
     organs = sorted({o for v in table.organs.values() for o in v})
     meta = {
         "kind": "markers", "name": name, "version": version, "species": species, "source": source,
@@ -157,6 +186,7 @@ class MarkerModel:
     type_idx: np.ndarray
     gene_idx: np.ndarray
     sign: np.ndarray
+    gene_types: np.ndarray
     labels: tuple[str, ...]
     levels: tuple[Levels, ...]
     meta: dict = field(repr=False)
@@ -179,7 +209,7 @@ def load_marker_model(path: str | os.PathLike) -> MarkerModel:
     return MarkerModel(
         name=meta["name"], version=str(meta["version"]), species=meta.get("species", "unknown"), path=str(p.resolve()),
         genes=arrays["genes"].astype(object), type_idx=arrays["type_idx"].astype(np.int64), gene_idx=arrays["gene_idx"].astype(np.int64),
-        sign=arrays["sign"].astype(np.float64), labels=tuple(meta["labels"]), levels=tuple(Levels(**lv) for lv in meta["levels"]), meta=meta,
+        sign=arrays["sign"].astype(np.float64), gene_types=arrays["gene_types"].astype(np.int64), labels=tuple(meta["labels"]), levels=tuple(Levels(**lv) for lv in meta["levels"]), meta=meta,
     )
 
 
@@ -213,9 +243,12 @@ class GenePlan:
     query_cols: np.ndarray
     model_genes: np.ndarray
     n_model_genes: int
+    scorable: np.ndarray  # per type: enough of its markers are measured in the query
 
     def record(self) -> dict:
-        return {"model_genes": self.n_model_genes, "shared_genes": int(self.query_cols.size), "matched_by": "symbol, case-insensitive"}
+        return {"model_genes": self.n_model_genes, "shared_genes": int(self.query_cols.size), "matched_by": "symbol, case-insensitive",
+                "cell_types_scorable": int(self.scorable.sum()), "cell_types": int(self.scorable.size),
+                "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers (and {MIN_MEASURED_GENES}) in the matrix"}
 
 
 def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str) -> GenePlan:
@@ -228,12 +261,17 @@ def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str)
         i = first.get(str(g).upper())
         if i is not None:
             q.append(i), m.append(j)
-    if len(q) < MIN_SHARED_GENES:
+    measured = np.zeros(len(model.genes), bool)
+    measured[np.array(m, np.int64)] = True
+    n_all = np.bincount(model.type_idx, minlength=len(model.labels))
+    n_meas = np.bincount(model.type_idx, weights=measured[model.gene_idx], minlength=len(model.labels))
+    scorable = (n_meas >= MIN_MEASURED * n_all) & (n_meas >= np.minimum(MIN_MEASURED_GENES, n_all)) & (n_all > 0)
+    if len(q) < MIN_SHARED_GENES or not scorable.any():
         raise GeneOverlapError(
             f"{source}: only {len(q)} of the {len(model.genes)} marker genes of model '{model.name}' ({model.species}) are in the matrix; "
             "check the species, or that the matrix has gene symbols"
         )
-    return GenePlan(query_cols=np.array(q, np.int64), model_genes=np.array(m, np.int64), n_model_genes=len(model.genes))
+    return GenePlan(query_cols=np.array(q, np.int64), model_genes=np.array(m, np.int64), n_model_genes=len(model.genes), scorable=scorable)
 
 
 def block_gene_sums(path: str, start: int, stop: int, n_features: int, cols: np.ndarray) -> np.ndarray:
@@ -247,14 +285,15 @@ def gene_rates(sums: list, total_umi: int) -> np.ndarray:
 
 
 def type_weights(model: MarkerModel, plan: GenePlan, rates: np.ndarray) -> sp.csr_matrix:
-    """types x shared genes: ``sign / sqrt(m_t)`` over each type's markers with a count in the query."""
+    """types x shared genes: ``sign / sqrt(m_t)``, ``m_t`` the type's number of markers in the
+    model; a marker not measured in the query, or with no count in it, is no evidence (z = 0)."""
     col_of = np.full(len(model.genes), -1, np.int64)
     col_of[plan.model_genes] = np.arange(plan.model_genes.size)
     cols = col_of[model.gene_idx]
     ok = cols >= 0
     ok[ok] &= rates[cols[ok]] > 0
     t, c, s = model.type_idx[ok], cols[ok], model.sign[ok]
-    m = np.bincount(t, minlength=len(model.labels)).astype(np.float64)
+    m = np.bincount(model.type_idx, minlength=len(model.labels)).astype(np.float64)
     w = s / np.sqrt(m[t])
     return sp.csr_matrix((w, (t, c)), shape=(len(model.labels), plan.query_cols.size))
 
@@ -294,6 +333,26 @@ def lazy_scores(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, *, chun
 
 def _concat_scores(parts: list, n_types: int) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types))
+
+
+def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int = POOL_ROUNDS, block: int = 4096) -> np.ndarray:
+    """Per cell, ``sqrt(sum_j w_ij^2)`` of the pooling weights (the rows of ``P^rounds``, ``P``
+    the row-stochastic "self and neighbours" matrix): the standard deviation of a pooled score
+    when the raw scores are independent with unit variance, so ``pooled / norm`` is a z-score."""
+    if nbr is None or rounds <= 0 or n == 0:
+        return np.ones(n)
+    valid = nbr >= 0
+    rows = np.repeat(np.arange(n), 1 + valid.sum(axis=1))
+    cols = np.concatenate([np.concatenate([[i], nbr[i][valid[i]]]) for i in range(n)]) if n else np.zeros(0, np.int64)
+    m = 1.0 + valid.sum(axis=1)
+    P = sp.csr_matrix((1.0 / m[rows], (rows, cols)), shape=(n, n))
+    out = np.empty(n)
+    for a in range(0, n, block):
+        W = P[a:min(a + block, n)]
+        for _ in range(rounds - 1):
+            W = W @ P
+        out[a:a + W.shape[0]] = np.sqrt(np.asarray(W.multiply(W).sum(axis=1)).ravel())
+    return out
 
 
 def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int = POOL_ROUNDS, block: int = 4096) -> np.ndarray:
@@ -372,10 +431,12 @@ def walk(scores: np.ndarray, model: MarkerModel) -> np.ndarray:
     return calls_from(code, prob=prob.astype(np.float32), depth=depth)
 
 
-def annotate_scores(raw_scores: np.ndarray, graph: dict | None, model: MarkerModel) -> tuple[np.ndarray, dict]:
-    """Pool the raw type scores over the query graph (when there is one), then walk the hierarchy."""
+def annotate_scores(raw_scores: np.ndarray, graph: dict | None, model: MarkerModel, plan: GenePlan) -> tuple[np.ndarray, dict]:
+    """Pool the raw type scores over the query graph (when there is one), as z-scores; types
+    the query cannot judge (too few of their markers measured) are left out; walk the hierarchy."""
     nbr = graph.get("nbr") if graph else None
-    pooled = pool(raw_scores, nbr)
+    pooled = pool(raw_scores, nbr) / pool_weights_norm(nbr, raw_scores.shape[0])[:, None]
+    pooled[:, ~plan.scorable] = -np.inf
     calls = walk(pooled, model)
     rec = {**parameters(), "pooled": nbr is not None, "graph": (graph or {}).get("how")}
     return calls, rec

@@ -433,7 +433,7 @@ def _run_markers(plan: MarkerPlan, st: store.StoreInfo, fp: dict, *, root: Path,
         raw, graph_value = dask.compute(scores, graph.task())
     graph.value = graph_value
     with timer.stage("consensus"):
-        calls, scoring = markers.annotate_scores(raw, graph_value, mdl)
+        calls, scoring = markers.annotate_scores(raw, graph_value, mdl, plan.genes)
     del raw
     with timer.stage("marker_stats"):
         (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls, chunk_cells=settings.chunk_cells))
