@@ -325,6 +325,23 @@ def build_reference(
     return _write_artifact(output, arrays, meta, extra_files=extra_files)
 
 
+def build_marker_reference(table: str | os.PathLike, *, name: str, output: str | os.PathLike, species: str = "human",
+                           version: str = "1") -> Path:
+    """Build a marker model directory (``kind: markers``) from a marker table CSV; see
+    :func:`dask_annot.markers.read_marker_table` for the columns."""
+    from .markers import marker_artifact, read_marker_table
+
+    table, output = Path(table), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
+    parsed = read_marker_table(table)
+    source = {"path": table.name, "sha256": _sha256_of(table)}
+    arrays, meta = marker_artifact(parsed, name=name, species=species, version=version, source=source)
+    meta["created_by"] = f"dask-annot {__version__}"
+    meta["ontology"] = {"release": CL_RELEASE}
+    return _write_artifact(output, arrays, meta)
+
+
 def _sha256_of(p: Path) -> str:
     return file_fingerprint(p)["sha256"]
 

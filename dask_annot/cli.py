@@ -61,7 +61,16 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
 
 
 def _cmd_build_reference(a: argparse.Namespace) -> int:
-    from .build import build_reference
+    from .build import build_marker_reference, build_reference
+    from .errors import ConfigError
+
+    if a.markers:
+        if a.input or a.label_column:
+            raise ConfigError("build-reference: --markers builds a marker model from a table; leave out --input and --label-column")
+        print(build_marker_reference(a.markers, name=a.name, output=a.output, species=a.species or "human", version=a.version))
+        return 0
+    if not a.input or not a.label_column:
+        raise ConfigError("build-reference needs --input and --label-column (a kNN model from labelled cells), or --markers TABLE.csv")
 
     out = build_reference(
         a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
@@ -99,12 +108,16 @@ def _cmd_models(a: argparse.Namespace) -> int:
     paths = [(n, p, "built-in") for n, p in builtin_models().items()] + [(Path(p).name, Path(p), "user") for p in a.paths]
     for name, path, kind in paths:
         m = load_model(path)
-        rows.append({"name": m.name, "kind": kind, "species": m.species, "cells": m.n_cells, "version": m.version,
-                     "labels": list(m.labels), "path": str(path)})
+        rows.append({"name": m.name, "kind": kind, "model_kind": m.kind, "species": m.species, "cells": m.n_cells, "version": m.version,
+                     "labels": list(m.labels), "organs": list(m.meta.get("organs", [])), "path": str(path)})
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
+            if r["model_kind"] == "markers":
+                organs = f", {len(r['organs'])} organs: {', '.join(r['organs'])}" if r["organs"] else ""
+                print(f"{r['name']}\t{r['kind']}\t{r['species']}\tmarkers\tv{r['version']}\t{len(r['labels'])} cell types{organs}")
+                continue
             print(f"{r['name']}\t{r['kind']}\t{r['species']}\t{r['cells']} cells\tv{r['version']}\t{len(r['labels'])} labels: {', '.join(r['labels'])}")
     return 0
 
@@ -179,8 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("build-reference", help="build a reference model from labelled counts",
                         description="Build a versioned reference (genes, normalization, PCA, embedding, labels, levels, index).",
                         epilog="example: dask-annot build-reference --input labelled.h5ad --label-column cell_type --name my_ref --output my_ref --ontology-map map.csv")
-    br.add_argument("--input", required=True, help=".h5ad with raw counts (or a 10x H5 with --labels)")
-    br.add_argument("--label-column", required=True, help="obs column (or --labels CSV column) holding the cell type")
+    br.add_argument("--input", default=None, help=".h5ad with raw counts (or a 10x H5 with --labels)")
+    br.add_argument("--label-column", default=None, help="obs column (or --labels CSV column) holding the cell type")
+    br.add_argument("--markers", default=None, help="instead of --input: a marker table CSV (cell_type,ontology_id,gene[,sign,organ]); "
+                    "builds a marker model (see docs/marker-models.md)")
     br.add_argument("--name", required=True, help="model name (the output subdirectory of annotate)")
     br.add_argument("--output", required=True, help="new directory for the reference")
     br.add_argument("--ontology-map", default=None, help="CSV label,ontology_id mapping labels to Cell Ontology terms")

@@ -24,7 +24,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import __version__, align, confidence, consensus, de, h5, knn, normalize, outputs, project, store, summary, visium, vote
+from . import __version__, align, confidence, consensus, de, h5, knn, markers, normalize, outputs, project, store, summary, visium, vote
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -222,9 +222,17 @@ def run(run_id: str, matrix: str | Path, *, models: Sequence[str] | None = None,
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
 
 
+PAN_MODELS = {"human": "pan_human_v1", "mouse": "pan_mouse_v1"}
+
+
 def default_models(st: store.StoreInfo) -> list[str]:
-    """What runs when no model is named: the ``auto`` kNN model (see :func:`choose_model`)."""
-    return ["auto"]
+    """What runs when no model is named, as Space Ranger runs Azimuth and the 10x cloud model:
+    the ``auto`` kNN model (see :func:`choose_model`) and the built-in marker model of the
+    matrix's species (guessed from its genes; left out when the species is not known)."""
+    from .build import guess_species
+
+    pan = PAN_MODELS.get(guess_species(np.asarray(st.feature_ids), np.asarray(st.feature_names)))
+    return ["auto", pan] if pan and pan in builtin_models() else ["auto"]
 
 
 def parse_model_specs(value: str | Sequence[str] | None) -> list[str] | None:
@@ -258,9 +266,32 @@ class KnnPlan:
         return self.model.name
 
 
-def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan:
+@dataclass
+class MarkerPlan:
+    """How one marker model annotates this matrix: its genes found in the query."""
+
+    model: markers.MarkerModel
+    genes: markers.GenePlan
+    choice: dict
+
+    kind = "markers"
+    method = "markers"
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan | MarkerPlan:
     """Load the model ``spec`` names and decide how it runs on ``st``."""
-    mdl, al, choice = choose_model(spec, st)
+    if spec != "auto":
+        mdl = resolve_model(spec)
+        if mdl.kind == "markers":
+            genes = markers.align_markers(mdl, st.feature_names, source=str(st.source.get("path", st.path)))
+            return MarkerPlan(model=mdl, genes=genes, choice={"requested": spec})
+        mdl, al, choice = mdl, align_to_model(st, mdl), {"requested": spec}
+    else:
+        mdl, al, choice = choose_model(spec, st)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
     spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
@@ -325,12 +356,16 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
     if len(set(names)) < len(names):
         raise ConfigError(f"--cell-annotation-model names the model '{max(set(names), key=names.count)}' twice; name each model once")
     for plan in plans:
+        if plan.kind == "markers":
+            log(f"model {plan.name} v{plan.model.version}: marker model, {len(plan.model.labels)} cell types; "
+                f"{plan.genes.query_cols.size}/{plan.genes.n_model_genes} marker genes in the matrix")
+            continue
         al, mdl = plan.alignment, plan.model
         log(f"model {mdl.name} v{mdl.version}: {al.n_required_shared}/{al.n_required} model genes shared "
             f"({al.n_shared}/{al.n_reference_genes} of its gene universe, by {al.matched_by}); "
             f"k={plan.k_used} ({plan.k_rule}); {plan.method} search" + ("; label spreading over the query's own neighbours" if plan.spread else ""))
     settings = _resolve_scheduler(settings, [p.method for p in plans], log, n_cells=st.n_cells)
-    for plan in plans:
+    for plan in (p for p in plans if p.kind == "knn"):
         check_memory(settings, n_cells=st.n_cells, n_genes=plan.alignment.n_reference_genes, k=plan.k_used,
                       n_ref=plan.model.n_cells, method=plan.method)
     shared = dict(timer.stages)
@@ -338,9 +373,10 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
     with _client(settings, log, shared_paths=[st.path, *(p.model.path for p in plans)], client=client) as active:
         graph = _QueryGraph(st, root / "work", fp)
         for plan in plans:
-            results.append(_run_knn(plan, st, fp, root=root, run_id=run_id, output_dir=output_dir, settings=settings,
-                                    log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared,
-                                    run_warnings=vis.warnings, positions=positions))
+            run_one = _run_markers if plan.kind == "markers" else _run_knn
+            results.append(run_one(plan, st, fp, root=root, run_id=run_id, output_dir=output_dir, settings=settings,
+                                   log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared,
+                                   run_warnings=vis.warnings, positions=positions))
     return results
 
 
@@ -423,6 +459,45 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
                         progress=progress, active=active, record=record, shared_timings=shared_timings,
                         files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d,
+                        positions=positions)
+
+
+def _run_markers(plan: MarkerPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id: str, output_dir, settings: Settings,
+                 log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict,
+                 run_warnings=(), positions: Any = None) -> RunResult:
+    """One marker model: per-cell type scores, pooled over the query graph, the hierarchy walk
+    (:mod:`dask_annot.markers`); always the hierarchical layout; no JSON evidence file."""
+    import dataclasses
+
+    timer = Timer()
+    mdl = plan.model
+    settings = dataclasses.replace(settings, layout="hierarchical")
+    mdir = outputs.model_dir(output_dir, run_id, mdl.name)
+    scores, _ = markers.lazy_scores(st, mdl, plan.genes, chunk_cells=settings.chunk_cells)
+    with timer.stage("annotate"), _progress(progress, active):
+        raw, graph_value = dask.compute(scores, graph.task())
+    graph.value = graph_value
+    with timer.stage("consensus"):
+        calls, scoring = markers.annotate_scores(raw, graph_value, mdl, plan.genes)
+    del raw
+    with timer.stage("marker_stats"):
+        (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls, chunk_cells=settings.chunk_cells))
+    record = {
+        "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
+                      "cells": 0, "cell_types": len(mdl.labels), "genes": int(mdl.genes.size), "organs": mdl.organs,
+                      "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **plan.choice},
+        "gene_overlap": plan.genes.record(),
+        "parameters": {
+            "scoring": scoring, "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
+            "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
+            "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
+        },
+        "marker_expression": markers.dot_plot_table(mdl, plan.genes, calls, stats),
+    }
+    if run_warnings:
+        record["warnings"] = list(run_warnings)
+    return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
+                        progress=progress, active=active, record=record, shared_timings=shared_timings, files={}, embedding2d=None,
                         positions=positions)
 
 
@@ -685,7 +760,7 @@ def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = N
     cell_types = summary.read_cell_types(csv_path)
     de_path = mdir / "cell_annotation_differential_expression.csv"
     de = pd.read_csv(de_path, keep_default_na=False, na_values=["NaN"]) if de_path.is_file() else None
-    if embedding2d is None:
+    if embedding2d is None and (record.get("reference") or {}).get("kind", "knn") == "knn":
         embedding2d = reference_pcs(record)
     pos = visium.positions_for_record(record, cell_types["barcode"].to_numpy(), cache_dir=mdir.parents[3] / "work"
                                       if len(mdir.parents) > 3 else None)
