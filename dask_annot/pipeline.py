@@ -567,11 +567,11 @@ def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, me
     """A generous estimate of one annotation task's peak memory.
 
     Dense z-scores (float64 and the float32 copy), the neighbour records, and for
-    exact search one block of distances to every reference cell.
+    exact search one block of distances to every reference cell, and the JSON evidence kernel.
     """
     per_cell = n_genes * (8 + 8 + 4) + k * (8 + 8 + 16)
     exact = 256 * n_ref * 8 * 3 if method == "exact" else 0
-    return int(chunk_cells * per_cell + exact + 64 * 2**20)
+    return int(chunk_cells * per_cell + exact + outputs.evidence_memory_bytes(chunk_cells, k=k) + 64 * 2**20)
 
 
 def check_memory(settings: Settings, *, n_cells: int, n_genes: int, k: int, n_ref: int, method: str,
