@@ -23,7 +23,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, store, summary, vote
+from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, refcache, store, summary, vote
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -343,10 +343,12 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
         else:
-            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, plan.spread))
+            barcodes = dask.delayed(store.read_barcodes, pure=True)(st.path, int(bounds[i]), int(bounds[i + 1]))
+            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, barcodes, path, plan.spread))
     if done:
         log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
     graph_task = graph.task() if plan.spread and parts else None
+    graph_bytes = {"annotate": refcache.graph_bytes(parts, graph_task)}
     with timer.stage("annotate"), _progress(progress, active):
         parts, graph_value = dask.compute(parts, graph_task)
     votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
@@ -366,6 +368,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
                       "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
                       "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **plan.choice},
         "gene_overlap": al.record(),
+        "graph_bytes": graph_bytes,
         "parameters": {
             "k_requested": settings.k, "k_used": plan.k_used, "k_rule": plan.k_rule,
             "vote": "class-balanced plurality (small reference)" if plan.balanced else "plurality (10x)",
@@ -399,6 +402,7 @@ def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir:
         codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
         graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
                             feature_names=np.asarray(st.feature_names, dtype=object))
+        record.setdefault("graph_bytes", {})["de"] = refcache.graph_bytes(graph)
         with timer.stage("de"), _progress(progress, active):
             (de_df,) = dask.compute(graph)
     with timer.stage("write"):
