@@ -254,9 +254,12 @@ def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan:
     mdl, al, choice = choose_model(spec, st)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
+    if settings.knn_method == "ivf" and not mdl.has_ivf:
+        raise ConfigError(f"--knn-method ivf: the reference '{mdl.name}' has no inverted lists; rebuild it with "
+                          "`dask-annot build-reference ... --knn-method ivf`, or use --knn-method exact or ann")
     spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
     return KnnPlan(model=mdl, alignment=al, choice=choice, k_used=k_used, k_rule=k_rule, balanced=balanced,
-                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method))
+                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method, has_ivf=mdl.has_ivf))
 
 
 class _QueryGraph:
@@ -332,7 +335,10 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     umi_all = st.umi_count
     model_d = dask.delayed(mdl, pure=True, traverse=False)
     emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
-    nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
+    if mdl.shards and plan.method in ("exact", "ivf"):  # searched shard by shard, merged exactly
+        nbrs = knn.sharded_neighbors(emb, mdl.shards, k=plan.k_used, method=plan.method, probes=knn.probes_of(mdl.meta))
+    else:
+        nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
     bounds = np.cumsum((0,) + nbrs.chunks[0])
     emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
     ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds)
@@ -376,6 +382,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
             "knn_method": plan.method, "ann_epsilon": settings.ann_epsilon if plan.method == "ann" else None,
+            "shards": len(mdl.shards) or 1, "ivf_probes": knn.probes_of(mdl.meta) if plan.method == "ivf" else None,
             "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
             "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
             "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import refcache
 from .errors import ReferenceArtifactError, check_format
-from .knn import build_ann_index, screen_arrays, unit_rows
+from .knn import Shard, build_ann_index, screen_arrays, shards_of, unit_rows
 from .ontology import Levels
 
 FORMAT = "dask-annot-reference"
@@ -99,6 +99,15 @@ class Model:
     def class_sizes(self) -> np.ndarray:
         return np.bincount(self.label_codes, minlength=len(self.labels))
 
+    @cached_property
+    def shards(self) -> tuple[Shard, ...]:
+        """The reference's shards (each with its own files; empty when unsharded)."""
+        return shards_of(self.meta, self.path)
+
+    @property
+    def has_ivf(self) -> bool:
+        return bool(self.shards) and all(s.has_ivf for s in self.shards)
+
     def ann_index(self):
         """The pynndescent index, unpickled once per process (rebuilt if it cannot be)."""
         return _ann_index(self)
@@ -129,7 +138,7 @@ class Model:
 
     def __getstate__(self):
         state = self.__dict__.copy()  # caches (and indexes) are rebuilt where the model lands
-        for key in ("loadings64", "embedding64", "embedding_unit", "screen_arrays"):
+        for key in ("loadings64", "embedding64", "embedding_unit", "screen_arrays", "shards"):
             state.pop(key, None)
         return state
 
