@@ -76,6 +76,7 @@ def _cmd_build_reference(a: argparse.Namespace) -> int:
         a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
         dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
         species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
+        shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
     )
     print(out)
     return 0
@@ -176,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(an)
     an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
     an.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask chunk (default 10000; labels do not depend on it)")
-    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"],
-                    help="neighbour search: exact (BLAS screen + float64), ann (pynndescent); default auto: exact up to 400,000 reference cells")
+    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann", "ivf"],
+                    help="neighbour search: exact (BLAS screen + float64), ivf (inverted lists, exact re-scoring), ann (pynndescent); "
+                         "default auto: exact up to 400,000 reference cells, then ivf if the reference has lists")
     an.add_argument("--layout", default=None, choices=["cloud", "hierarchical"], help="cell_types.csv columns (default cloud)")
     an.add_argument("--consensus", default=None, choices=["auto", "spread", "none"],
                     help="label spreading of the votes over the query's own 15-NN graph; default auto: only when the "
@@ -207,8 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--n-hvg", type=int, default=1000, help="highly variable genes (default 1000)")
     br.add_argument("--n-pcs", type=int, default=30, help="principal components (default 30)")
     br.add_argument("--seed", type=int, default=0, help="seed for the ANN index")
-    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann"],
-                    help="search the model is built for; ann stores a pynndescent index (default: by size, ann above 400,000 cells)")
+    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann", "ivf"],
+                    help="search the model is built for; ann stores a pynndescent index, ivf inverted lists "
+                         "(default: by size, ivf above 400,000 cells)")
+    br.add_argument("--shard-cells", type=int, default=None,
+                    help="split the reference into shards of this many cells, each with its own files (default: "
+                         "1,000,000 above 400,000 cells, else unsharded)")
+    br.add_argument("--ivf-lists", type=int, default=None, help="inverted lists of the ivf search (default: about 1 per 1,000 cells)")
+    br.add_argument("--ivf-probes", type=int, default=None, help="lists probed per query cell by the ivf search (default 24)")
     br.set_defaults(func=_cmd_build_reference)
 
     cv = sub.add_parser("convert", help="convert a matrix into a reusable zarr store",

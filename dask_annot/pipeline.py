@@ -24,7 +24,8 @@ import dask
 import dask.array as da
 import numpy as np
 
-from . import __version__, align, confidence, consensus, de, h5, knn, markers, normalize, outputs, project, store, summary, visium, vote
+from . import (__version__, align, confidence, consensus, de, h5, knn, markers, normalize, outputs, project, refcache, store,
+               summary, visium, vote)
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -294,9 +295,12 @@ def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan | 
         mdl, al, choice = choose_model(spec, st)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
+    if settings.knn_method == "ivf" and not mdl.has_ivf:
+        raise ConfigError(f"--knn-method ivf: the reference '{mdl.name}' has no inverted lists; rebuild it with "
+                          "`dask-annot build-reference ... --knn-method ivf`, or use --knn-method exact or ann")
     spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
     return KnnPlan(model=mdl, alignment=al, choice=choice, k_used=k_used, k_rule=k_rule, balanced=balanced,
-                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method))
+                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method, has_ivf=mdl.has_ivf))
 
 
 class _QueryGraph:
@@ -389,7 +393,10 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     umi_all = st.umi_count
     model_d = dask.delayed(mdl, pure=True, traverse=False)
     emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
-    nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
+    if mdl.shards and plan.method in ("exact", "ivf"):  # searched shard by shard, merged exactly
+        nbrs = knn.sharded_neighbors(emb, mdl.shards, k=plan.k_used, method=plan.method, probes=knn.probes_of(mdl.meta))
+    else:
+        nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
     bounds = np.cumsum((0,) + nbrs.chunks[0])
     emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
     conf = confidence.Confidence.from_model(mdl, al.query_index)
@@ -404,10 +411,12 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
         else:
-            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, scores))
+            barcodes = dask.delayed(store.read_barcodes, pure=True)(st.path, int(bounds[i]), int(bounds[i + 1]))
+            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, barcodes, path, scores))
     if done:
         log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
     graph_task = graph.task() if scores and parts else None
+    graph_bytes = {"annotate": refcache.graph_bytes(parts, graph_task, fstats)}
     with timer.stage("annotate"), _progress(progress, active):
         parts, graph_value, fstats = dask.compute(parts, graph_task, fstats)
     votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
@@ -441,6 +450,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
                       "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
                       "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **plan.choice},
         "gene_overlap": al.record(),
+        "graph_bytes": graph_bytes,
         "parameters": {
             "k_requested": settings.k, "k_used": plan.k_used, "k_rule": plan.k_rule,
             "vote": "class-balanced plurality (small reference)" if plan.balanced else "plurality (10x)",
@@ -448,6 +458,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
             "knn_method": plan.method, "ann_epsilon": settings.ann_epsilon if plan.method == "ann" else None,
+            "shards": len(mdl.shards) or 1, "ivf_probes": knn.probes_of(mdl.meta) if plan.method == "ivf" else None,
             "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
             "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
             "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
@@ -517,6 +528,7 @@ def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir:
         codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
         graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
                             feature_names=np.asarray(st.feature_names, dtype=object))
+        record.setdefault("graph_bytes", {})["de"] = refcache.graph_bytes(graph)
         with timer.stage("de"), _progress(progress, active):
             (de_df,) = dask.compute(graph)
     with timer.stage("write"):
