@@ -75,7 +75,7 @@ def _annotate(matrix: Path, out: Path, scheduler: str) -> list[str]:
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    (model_dir,) = (out / "t" / "outs" / "segmented_outs" / "cell_types").iterdir()
+    model_dir = out / "t" / "outs" / "segmented_outs" / "cell_types" / "human_pbmc_v1"  # the default run also writes pan_human_v1/
     got = {name: (model_dir / name).read_bytes() for name in OUTPUTS}
     got["cell_annotation_results.json"] = gzip.decompress(got.pop("cell_annotation_results.json.gz"))
     return got
