@@ -30,6 +30,7 @@ import numpy as np
 from .cli import example_path
 from .errors import ConfigError, InputFormatError, InputNotFoundError
 from .build import build_reference
+from .outputs import DEPTH_NONE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -48,6 +49,7 @@ def annotate(
     k: int | None = None,
     layout: Literal["cloud", "hierarchical"] | None = None,
     consensus: Literal["auto", "spread", "none"] | None = None,
+    reject: Literal["auto", "none"] | None = None,
     output_dir: str | os.PathLike | None = None,
     run_id: str | None = None,
     layer: str | None = None,
@@ -77,6 +79,10 @@ def annotate(
     consensus
         As ``--consensus``: label spreading over the query's own neighbours (default from the
         configuration: ``auto``, only for small references).
+    reject
+        As ``--reject``: ``auto`` (default) writes ``Unassigned`` for cells unlike the reference
+        and reports only the levels the calibrated probability supports; ``none`` labels every
+        cell at the fine level, as 10x does.
 
     Options left as None come from ``dask.config`` (key ``annot``, e.g.
     ``dask.config.set({"annot.k": 100})``), as on the command line.
@@ -100,7 +106,9 @@ def annotate(
     -------
     pandas.DataFrame
         One row per cell in matrix order, the columns of ``cell_types.csv`` after
-        ``barcode`` (the index). ``.attrs["dask_annot"]`` holds the run record
+        ``barcode`` (the index), plus ``final_level_softmax_prob`` (the calibrated probability
+        that the reported level is right; in every layout) and ``rejected`` (True for cells
+        unlike the reference, written ``Unassigned``). ``.attrs["dask_annot"]`` holds the run record
         (``run``), the model directory (``model_dir``, ``None`` when not kept) and the
         first two reference PCs of each cell (``embedding2d``), which
         :func:`add_to_anndata` stores in ``.obsm``; for Visium HD with cell geometry, also
@@ -111,13 +119,17 @@ def annotate(
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_id = run_id or "dask_annot"
-    settings = config.resolve(k=k, layout=layout, consensus=consensus, chunk_cells=chunk_cells, force=force or None)
+    settings = config.resolve(k=k, layout=layout, consensus=consensus, reject=reject, chunk_cells=chunk_cells, force=force or None)
     with tempfile.TemporaryDirectory(prefix="dask-annot-") as tmp:
         matrix = _as_matrix_path(adata_or_path, Path(tmp), layer=layer)
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"
         res = pipeline.annotate(run_id, matrix, model=model, output_dir=out, settings=settings, log=log, progress=False,
                                 client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)
         df = read_cell_types(res.model_dir / "cell_types.csv").set_index("barcode")
+        if res.calls is not None:
+            if "final_level_softmax_prob" not in df.columns:
+                df["final_level_softmax_prob"] = res.calls["prob"].astype(np.float64)
+            df["rejected"] = res.calls["depth"] == DEPTH_NONE
         emb = res.embedding2d
     df.attrs["dask_annot"] = {
         "run": res.record,

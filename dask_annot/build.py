@@ -324,10 +324,11 @@ def build_reference(
         **({"shards": shard_meta} if shard_meta else {}),
     }
     # novelty thresholds and calibration maps (see dask_annot.confidence)
-    meta["confidence"] = confidence.fit(
+    meta["confidence"], conf_arrays = confidence.fit(
         lambda: (cells.read(a, b)[sel] for a, b, sel in cells.kept_blocks(cells_per_block)), label_codes=label_codes,
         labels=fine_names, levels=[levels_by_fine[f] for f in fine_names], embedding=embedding, dataset_codes=dataset_codes,
         n_datasets=len(datasets), n_genes=int(cells.gene_ids.size), seed=seed)
+    arrays.update(conf_arrays)
     return _write_artifact(output, arrays, meta, extra_files=extra_files)
 
 

@@ -53,6 +53,7 @@ FOREIGN_MAX_FRACTION = 0.01
 MIN_COUNT = 2
 POOL_K = 15
 QUANTILE = 0.99
+MIN_POOLED_UMIS = 10
 N_FOLDS = 5
 CALIBRATION_MAX_CELLS = 20_000
 CALIBRATION_K = 500  # annotate's default --k; capped by knn.neighbourhood as at annotate time
@@ -79,14 +80,15 @@ def _label_expression(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray, 
     return nexpr, np.concatenate(depth) if depth else np.zeros(0)
 
 
-def _loo_foreign_load(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray, nexpr: np.ndarray, class_sizes: np.ndarray,
-                      foreign_or_near: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per reference cell: foreign UMIs leave-one-out (genes foreign once the cell itself is
-    left out), and per candidate gene the foreign UMIs all reference cells have in it."""
+def _loo_foreign_counts(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray, nexpr: np.ndarray, class_sizes: np.ndarray,
+                        foreign_or_near: np.ndarray) -> sp.csr_matrix:
+    """Reference cells x candidate genes: the UMIs that count as foreign for each cell,
+    leave-one-out (a gene is foreign for a cell if it is foreign once that cell is left
+    out) and only where the cell has at least :data:`MIN_COUNT` of them."""
     n_labels = nexpr.shape[0]
     cand = np.flatnonzero(foreign_or_near)
     frac = nexpr[:, cand] / np.maximum(class_sizes, 1)[:, None]
-    loads, mass = [], np.zeros(cand.size)
+    parts = []
     start = 0
     for block in blocks:
         b = sp.csr_matrix(block)[:, cand].tocsr()
@@ -99,11 +101,11 @@ def _loo_foreign_load(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray, 
         others = frac[:, cols].copy()
         others[lab, np.arange(cols.size)] = -1.0
         foreign = (own <= FOREIGN_MAX_FRACTION) & (others.max(axis=0, initial=-1.0) <= FOREIGN_MAX_FRACTION) if n_labels else own <= FOREIGN_MAX_FRACTION
-        counted = np.where(foreign & (b.data >= MIN_COUNT), b.data, 0).astype(np.float64)
-        loads.append(np.bincount(rows, weights=counted, minlength=b.shape[0]))
-        mass += np.bincount(cols, weights=counted, minlength=cand.size)
+        counted = sp.csr_matrix((np.where(foreign & (b.data >= MIN_COUNT), b.data, 0).astype(np.float32), b.indices, b.indptr), shape=b.shape)
+        counted.eliminate_zeros()
+        parts.append(counted)
         start += b.shape[0]
-    return (np.concatenate(loads) if loads else np.zeros(0)), mass
+    return sp.vstack(parts, format="csr") if parts else sp.csr_matrix((0, cand.size), dtype=np.float32)
 
 
 def self_graph(embedding: np.ndarray, k: int = POOL_K, *, block: int = 1024) -> np.ndarray:
@@ -127,14 +129,7 @@ def self_graph(embedding: np.ndarray, k: int = POOL_K, *, block: int = 1024) -> 
 
 def pooled_load(foreign: np.ndarray, depth: np.ndarray, nbr: np.ndarray | None) -> np.ndarray:
     """Foreign UMIs over depth, summed over each cell and its neighbours (``nbr``, -1 = none)."""
-    foreign = np.asarray(foreign, dtype=np.float64)
-    depth = np.asarray(depth, dtype=np.float64)
-    f, d = foreign.copy(), depth.copy()
-    if nbr is not None and nbr.size:
-        valid = nbr >= 0
-        safe = np.where(valid, nbr, 0)
-        f += np.where(valid, foreign[safe], 0.0).sum(axis=1)
-        d += np.where(valid, depth[safe], 0.0).sum(axis=1)
+    f, d = pooled_sums(np.asarray(foreign, dtype=np.float64), np.asarray(depth, dtype=np.float64), nbr)
     return np.divide(f, d, out=np.zeros_like(f), where=d > 0)
 
 
@@ -229,7 +224,7 @@ def _calibrate(embedding: np.ndarray, label_codes: np.ndarray, levels, dataset_c
         nbrs = _search(embedding[test], embedding[train], k_used)
         shim = SimpleNamespace(labels=tuple(range(n_labels)), label_codes=label_codes[train],
                                class_sizes=np.bincount(label_codes[train], minlength=n_labels))
-        votes, _, p0 = vote.vote_with_scores(nbrs, shim, k_used < CALIBRATION_K)
+        votes, _, p0 = vote.vote_with_scores(nbrs, shim, vote.small_reference(label_codes.size))
         fine = votes["fine"].astype(np.int64)
         sf, sc = raw_scores(p0, fine, same)
         truth = label_codes[test]
@@ -259,10 +254,12 @@ def _calibrate(embedding: np.ndarray, label_codes: np.ndarray, levels, dataset_c
 
 
 def fit(blocks: Callable[[], Iterable[sp.csr_matrix]], *, label_codes: np.ndarray, labels: list[str], levels, embedding: np.ndarray,
-        dataset_codes: np.ndarray, n_datasets: int, n_genes: int, seed: int) -> dict:
-    """The ``confidence`` section of ``reference.json``: foreign genes, per-label thresholds and
-    the calibration maps. ``blocks()`` yields the kept reference cells' raw counts (CSR,
-    cells x universe genes) in reference order; it is read twice."""
+        dataset_codes: np.ndarray, n_datasets: int, n_genes: int, seed: int) -> tuple[dict, dict[str, np.ndarray]]:
+    """The ``confidence`` section of ``reference.json`` and the arrays it needs (for
+    ``arrays.npz``, names starting ``conf_``): the candidate foreign genes, each reference
+    cell's leave-one-out foreign UMIs in them (sparse), depth and :data:`POOL_K`-NN graph,
+    and the calibration maps. ``blocks()`` yields the kept reference cells' raw counts
+    (CSR, cells x universe genes) in reference order; it is read twice."""
     label_codes = np.asarray(label_codes, dtype=np.int64)
     n_labels = len(labels)
     class_sizes = np.bincount(label_codes, minlength=n_labels)
@@ -272,41 +269,58 @@ def fit(blocks: Callable[[], Iterable[sp.csr_matrix]], *, label_codes: np.ndarra
     # a gene one cell keeps out of the foreign set is foreign for that cell left out
     near = ((nexpr - 1) / np.maximum(class_sizes - 1, 1)[:, None]).max(axis=0) <= FOREIGN_MAX_FRACTION
     cand = foreign | near
-    load, mass = _loo_foreign_load(blocks(), label_codes, nexpr, class_sizes, cand)
+    counts = _loo_foreign_counts(blocks(), label_codes, nexpr, class_sizes, cand)
     cand_idx = np.flatnonzero(cand)
-    in_foreign = foreign[cand_idx]
-    nbr = self_graph(embedding)
-    pooled = pooled_load(load, depth, nbr)
-    overall = float(np.quantile(pooled, QUANTILE)) if pooled.size else 0.0
-    thresholds = {}
-    for i, lab in enumerate(labels):
-        vals = pooled[label_codes == i]
-        own = float(np.quantile(vals, QUANTILE)) if vals.size else overall
-        thresholds[lab] = max(own, overall)
-    return {
+    graph = self_graph(embedding)
+    thr = reference_thresholds(counts, depth, graph, label_codes, n_labels, np.ones(cand_idx.size, dtype=bool))
+    section = {
         "schema": SCHEMA,
         "novelty": {
-            "rule": "pooled foreign-gene load above the label's leave-one-out reference quantile",
+            "rule": ("pooled foreign-gene load, above the query's own per-gene background, over the label's leave-one-out "
+                     "reference quantile (on the genes the query measured)"),
             "foreign_max_fraction": FOREIGN_MAX_FRACTION, "min_count": MIN_COUNT, "pool_k": POOL_K, "quantile": QUANTILE,
-            "foreign_genes": [int(g) for g in cand_idx[in_foreign]],
-            "foreign_mass": [round(float(m), 3) for m in mass[in_foreign]],
-            "thresholds": {k: float(v) for k, v in thresholds.items()},
-            "reference_pooled_load_median": float(np.median(pooled)) if pooled.size else 0.0,
+            "min_pooled_umis": MIN_POOLED_UMIS, "background": "median over the query's neighbourhoods, per gene",
+            "foreign_genes": int(foreign.sum()), "candidate_genes": int(cand_idx.size),
+            "thresholds_all_genes": {lab: float(t) for lab, t in zip(labels, thr)},
         },
         "calibration": _calibrate(np.asarray(embedding, dtype=np.float64), label_codes, levels, np.asarray(dataset_codes), n_datasets, seed),
     }
+    arrays = {"conf_genes": cand_idx.astype(np.int64), "conf_foreign": foreign[cand_idx], "conf_ref_indptr": counts.indptr.astype(np.int64),
+              "conf_ref_indices": counts.indices.astype(np.int32), "conf_ref_data": counts.data.astype(np.float32),
+              "conf_ref_depth": depth.astype(np.float64), "conf_ref_graph": graph.astype(np.int32)}
+    return section, arrays
+
+
+def reference_thresholds(counts: sp.csr_matrix, depth: np.ndarray, graph: np.ndarray, label_codes: np.ndarray, n_labels: int,
+                         genes: np.ndarray) -> np.ndarray:
+    """Per label: the :data:`QUANTILE` quantile of the reference cells' pooled foreign load
+    over the candidate genes ``genes`` (bool), never below the reference-wide quantile."""
+    load = np.asarray(counts[:, np.flatnonzero(genes)].sum(axis=1), dtype=np.float64).ravel()
+    pooled = pooled_load(load, depth, graph)
+    overall = float(np.quantile(pooled, QUANTILE)) if pooled.size else 0.0
+    out = np.full(n_labels, overall)
+    for i in range(n_labels):
+        vals = pooled[label_codes == i]
+        if vals.size:
+            out[i] = max(float(np.quantile(vals, QUANTILE)), overall)
+    return out
 
 
 # ----------------------------------------------------------------------------- annotate time
 
 @dataclass(frozen=True)
 class Confidence:
-    """What annotate needs from a reference's ``confidence`` section, for one query's genes."""
+    """What annotate needs from a reference's confidence section, for one query's genes."""
 
-    foreign_index: np.ndarray  # universe columns of the measured foreign genes
+    genes: np.ndarray  # universe columns of the candidate foreign genes the query measured
+    cand_columns: np.ndarray  # their columns among the reference's candidate genes
+    foreign: np.ndarray  # bool per measured candidate: foreign in the whole reference (the query counts these)
     measured: np.ndarray  # universe columns the query measured
-    thresholds: np.ndarray  # per label, scaled to the measured foreign genes
-    measured_share: float
+    ref_counts: sp.csr_matrix
+    ref_depth: np.ndarray
+    ref_graph: np.ndarray
+    label_codes: np.ndarray
+    n_labels: int
     calibration: dict
     same_coarse: np.ndarray
     section: dict
@@ -315,44 +329,103 @@ class Confidence:
     def from_model(cls, model, query_index: np.ndarray) -> "Confidence | None":
         """None for a reference built without a confidence section."""
         sec = (model.meta or {}).get("confidence")
-        if not sec or sec.get("schema") != SCHEMA:
+        arr = getattr(model, "extra", None) or {}
+        if not sec or sec.get("schema") != SCHEMA or "conf_genes" not in arr:
             return None
-        nov = sec["novelty"]
-        genes = np.asarray(nov["foreign_genes"], dtype=np.int64)
-        mass = np.asarray(nov["foreign_mass"], dtype=np.float64)
+        genes = arr["conf_genes"]
         measured_mask = np.asarray(query_index) >= 0
-        got = measured_mask[genes] if genes.size else np.zeros(0, bool)
-        total = mass.sum()
-        share = float(mass[got].sum() / total) if total > 0 else 1.0
-        thr = np.array([nov["thresholds"][lab] for lab in model.labels], dtype=np.float64) * share
-        return cls(foreign_index=genes[got], measured=np.flatnonzero(measured_mask), thresholds=thr, measured_share=share,
-                   calibration=sec["calibration"], same_coarse=coarse_matrix(model.levels), section=sec)
+        got = measured_mask[genes]
+        counts = sp.csr_matrix((arr["conf_ref_data"], arr["conf_ref_indices"], arr["conf_ref_indptr"]),
+                               shape=(arr["conf_ref_depth"].size, genes.size))
+        return cls(genes=genes[got], cand_columns=np.flatnonzero(got), foreign=arr["conf_foreign"][got],
+                   measured=np.flatnonzero(measured_mask), ref_counts=counts, ref_depth=arr["conf_ref_depth"],
+                   ref_graph=arr["conf_ref_graph"].astype(np.int64), label_codes=np.asarray(model.label_codes, dtype=np.int64),
+                   n_labels=len(model.labels), calibration=sec["calibration"], same_coarse=coarse_matrix(model.levels), section=sec)
 
 
-def _stats_block(block: sp.csr_matrix, foreign_index: np.ndarray, measured: np.ndarray) -> np.ndarray:
+def _stats_block(block: sp.csr_matrix, genes: np.ndarray, measured: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+    """One chunk: its cells' UMIs in ``genes`` where at least :data:`MIN_COUNT` (CSR), and their
+    depth over the ``measured`` universe genes."""
     b = sp.csr_matrix(block)
-    out = np.zeros((b.shape[0], 2), dtype=np.float64)
-    if b.shape[0] == 0:
-        return out
-    f = b[:, foreign_index].tocsr()
-    f.data = np.where(f.data >= MIN_COUNT, f.data, 0)
-    out[:, 0] = np.asarray(f.sum(axis=1), dtype=np.float64).ravel()
-    out[:, 1] = np.asarray(b[:, measured].sum(axis=1), dtype=np.float64).ravel()
-    return out
+    f = b[:, genes].tocsr().astype(np.float32)
+    f.data = np.where(f.data >= MIN_COUNT, f.data, 0).astype(np.float32)
+    f.eliminate_zeros()
+    return f, np.asarray(b[:, measured].sum(axis=1), dtype=np.float64).ravel()
 
 
-def foreign_stats(x_aligned: da.Array, conf: Confidence) -> da.Array:
-    """Lazy per cell (cells x 2, float64): foreign UMIs (genes with at least :data:`MIN_COUNT`)
-    and depth over the measured universe genes, from counts aligned to the universe."""
+def foreign_stats(x_aligned: da.Array, conf: Confidence) -> list:
+    """Lazy, one Delayed per chunk (see :func:`_stats_block`) of counts aligned to the universe:
+    the cells' foreign UMIs in the measured foreign genes, and their depth."""
+    import dask
+
     check_cell_chunked(x_aligned, "confidence")
-    return da.map_blocks(_stats_block, x_aligned, conf.foreign_index, conf.measured, dtype=np.float64,
-                         chunks=(x_aligned.chunks[0], (2,)), meta=np.empty((0, 2), dtype=np.float64))
+    genes = conf.genes[conf.foreign]
+    return [dask.delayed(_stats_block, pure=True)(blk, genes, conf.measured) for blk in x_aligned.to_delayed().ravel()]
 
 
-def novel(conf: Confidence, stats: np.ndarray, fine: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Which cells fail the novelty test (bool), and their pooled foreign load."""
-    load = pooled_load(stats[:, 0], stats[:, 1], nbr)
-    return load > conf.thresholds[np.asarray(fine, dtype=np.int64)], load
+def background_excess(E: sp.csr_matrix, depth: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled foreign UMIs above the query's own background, pooled depth, and per gene the
+    background rate.
+
+    Each cell's foreign UMIs (``E``, cells x genes) and depth are summed over the cell and
+    its neighbours. A gene's background rate is the median over those neighbourhoods of its
+    pooled UMIs per pooled depth: zero for a gene that only some of the query's
+    populations express (a type's program), the common level for one a chemistry or
+    gene-annotation difference adds to every cell. Only the excess over it counts.
+    """
+    n, G = E.shape
+    if nbr is not None and nbr.size:
+        valid = nbr >= 0
+        rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), valid.sum(axis=1))])
+        cols = np.concatenate([np.arange(n), nbr[valid]])
+    else:
+        rows = cols = np.arange(n)
+    A = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+    P = (A @ E.astype(np.float64)).tocsc()
+    D = A @ np.asarray(depth, dtype=np.float64)
+    rate = np.zeros(G)
+    common = np.flatnonzero(np.diff(P.indptr) * 2 > n)  # a median above zero needs most neighbourhoods
+    inv = np.divide(1.0, D, out=np.zeros_like(D), where=D > 0)
+    for g in common:
+        col = np.zeros(n)
+        sl = slice(P.indptr[g], P.indptr[g + 1])
+        col[P.indices[sl]] = P.data[sl] * inv[P.indices[sl]]
+        rate[g] = float(np.median(col))
+    P = P.tocsr()
+    if common.size:
+        Pc = P[:, common].toarray()
+        excess = (np.asarray(P.sum(axis=1)).ravel() - Pc.sum(axis=1)
+                  + np.maximum(Pc - np.outer(D, rate[common]), 0.0).sum(axis=1))
+    else:
+        excess = np.asarray(P.sum(axis=1)).ravel()
+    return excess, D, rate
+
+
+def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, dict]:
+    """Which cells fail the novelty test (bool), and what was used (for run.json)."""
+    E = sp.vstack([s[0] for s in stats], format="csr") if stats else sp.csr_matrix((0, int(conf.foreign.sum())))
+    depth = np.concatenate([s[1] for s in stats]) if stats else np.zeros(0)
+    xp, dp, rate = background_excess(E, depth, nbr)
+    # the reference side on the same (measured) genes; candidate genes foreign only
+    # leave-one-out stay in: the reference cells holding them would count them as new
+    ref_genes = np.zeros(conf.ref_counts.shape[1], dtype=bool)
+    ref_genes[conf.cand_columns] = True
+    thr = reference_thresholds(conf.ref_counts, conf.ref_depth, conf.ref_graph, conf.label_codes, conf.n_labels, ref_genes)
+    load = np.divide(xp, dp, out=np.zeros_like(xp), where=dp > 0)
+    rejected = (load > thr[np.asarray(fine, dtype=np.int64)]) & (xp >= MIN_POOLED_UMIS)
+    info = {"thresholds": thr, "foreign_genes_measured": int(conf.foreign.sum()), "foreign_genes_with_background": int((rate > 0).sum())}
+    return rejected, info
+
+
+def pooled_sums(x: np.ndarray, depth: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``depth`` summed over each cell and its neighbours (``nbr``, -1 = none)."""
+    f, d = np.asarray(x, dtype=np.float64).copy(), np.asarray(depth, dtype=np.float64).copy()
+    if nbr is not None and nbr.size:
+        valid = nbr >= 0
+        safe = np.where(valid, nbr, 0)
+        f += np.where(valid, x[safe], 0.0).sum(axis=1)
+        d += np.where(valid, depth[safe], 0.0).sum(axis=1)
+    return f, d
 
 
 def calibrated(conf: Confidence, p: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -366,24 +439,27 @@ def calibrated(conf: Confidence, p: np.ndarray, fine: np.ndarray) -> tuple[np.nd
 
 
 def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None, fine: np.ndarray, labels, depth: np.ndarray | None,
-           load: np.ndarray | None = None) -> dict:
+           info: dict | None = None) -> dict:
     """The ``confidence`` block of run.json."""
     if conf is None:
         return {"reject": reject, "applied": False,
                 "reason": "the reference has no confidence section (built before dask-annot could reject); rebuild it"}
     cal = conf.calibration
+    nov = conf.section["novelty"]
     out = {
         "reject": reject,
         "applied": reject != "none",
-        "rule": conf.section["novelty"]["rule"] if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
-        "thresholds": {lab: float(t) for lab, t in zip(labels, conf.thresholds)},
-        "foreign_genes_measured": int(conf.foreign_index.size),
-        "foreign_genes_in_reference": len(conf.section["novelty"]["foreign_genes"]),
-        "threshold_scale_for_measured_genes": round(conf.measured_share, 4),
+        "rule": nov["rule"] if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
+        "parameters": {k: nov[k] for k in ("foreign_max_fraction", "min_count", "pool_k", "quantile", "min_pooled_umis", "background")},
+        "foreign_genes_in_reference": nov["foreign_genes"],
         "calibration": {"folds": cal["folds"], "cells_scored": cal["cells_scored"],
                         "fine": {"ece": cal["fine"]["ece"], "curve": cal["fine"]["curve"]},
                         "coarse": {"ece": cal["coarse"]["ece"], "curve": cal["coarse"]["curve"]}},
     }
+    if info is not None:
+        out["thresholds"] = {lab: float(t) for lab, t in zip(labels, info["thresholds"])}
+        out["foreign_genes_measured"] = info["foreign_genes_measured"]
+        out["foreign_genes_with_query_background"] = info["foreign_genes_with_background"]
     if rejected is not None:
         fine = np.asarray(fine, dtype=np.int64)
         per = {}

@@ -294,7 +294,7 @@ def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan | 
     else:
         mdl, al, choice = choose_model(spec, st)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
-    balanced = k_used < settings.k
+    balanced = vote.small_reference(mdl.n_cells)  # keyed on the reference, not on --k (issue 13.3)
     if settings.knn_method == "ivf" and not mdl.has_ivf:
         raise ConfigError(f"--knn-method ivf: the reference '{mdl.name}' has no inverted lists; rebuild it with "
                           "`dask-annot build-reference ... --knn-method ivf`, or use --knn-method exact or ann")
@@ -425,9 +425,9 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
     if graph_value is not None:
         graph.value = graph_value
-    rejected = shares = None
+    rejected = shares = conf_info = None
     if use_conf:  # cells unlike the reference, tested on the vote's label (see dask_annot.confidence)
-        rejected, _ = confidence.novel(conf, fstats, votes_np["fine"], graph_value["nbr"] if graph_value else None)
+        rejected, conf_info = confidence.novel(conf, fstats, votes_np["fine"], graph_value["nbr"] if graph_value else None)
         shares = np.concatenate([p[4] for p in parts]) if parts else np.zeros((0, len(mdl.labels)))
     if plan.spread and graph_value is not None:
         counts = np.concatenate([p[3] for p in parts])
@@ -444,7 +444,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     else:
         calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
     conf_rec = confidence.record(conf, reject=settings.reject, rejected=rejected, fine=votes_np["fine"], labels=mdl.labels,
-                                 depth=calls["depth"] if use_conf else None)
+                                 depth=calls["depth"] if use_conf else None, info=conf_info)
     record = {
         "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
                       "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
