@@ -78,6 +78,7 @@ class MarkerTable:
     gene_idx: np.ndarray
     sign: np.ndarray
     organs: dict[int, list[str]]
+    support: np.ndarray  # per entry: how many organs' tables list the marker (at least 1)
 
 
 def read_marker_table(path: str | os.PathLike) -> MarkerTable:
@@ -95,6 +96,7 @@ def read_marker_table(path: str | os.PathLike) -> MarkerTable:
             raise InputFormatError(f"{p}: a marker table needs the columns cell_type,ontology_id,gene (optional sign,organ); found {sorted(cols)}")
         entries: dict[tuple, dict[str, int]] = {}
         organs: dict[tuple, set[str]] = {}
+        gene_organs: dict[tuple, set[str]] = {}
         names: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             name, term, gene = (row.get("cell_type") or "").strip(), (row.get("ontology_id") or "").strip(), (row.get("gene") or "").strip()
@@ -108,43 +110,52 @@ def read_marker_table(path: str | os.PathLike) -> MarkerTable:
             g = entries.setdefault(key, {})
             s = 1 if sign_txt == "+" else -1
             g[gene] = max(g.get(gene, s), s)
-            organs.setdefault(key, set()).update(o for o in (row.get("organ") or "").split(";") if o.strip())
+            listed = {o.strip() for o in (row.get("organ") or "").split(";") if o.strip()}
+            organs.setdefault(key, set()).update(listed)
+            gene_organs.setdefault((key, gene), set()).update(listed)
     if not entries:
         raise InputFormatError(f"{p}: no marker rows; a marker table needs at least one cell type with marker genes")
     keys = sorted(entries)
     genes = sorted({g for e in entries.values() for g in e})
     gcode = {g: i for i, g in enumerate(genes)}
-    ti, gi, sg = [], [], []
+    ti, gi, sg, su = [], [], [], []
     for t, key in enumerate(keys):
         for g, s in sorted(entries[key].items()):
-            ti.append(t), gi.append(gcode[g]), sg.append(s)
+            ti.append(t), gi.append(gcode[g]), sg.append(s), su.append(max(1, len(gene_organs.get((key, g), ()))))
     types = [(names[k], k if k.startswith("CL:") else None) for k in keys]
     return MarkerTable(types=types, genes=genes, type_idx=np.array(ti, np.int32), gene_idx=np.array(gi, np.int32),
-                       sign=np.array(sg, np.int8), organs={t: sorted(organs[k]) for t, k in enumerate(keys)})
+                       sign=np.array(sg, np.int8), organs={t: sorted(organs[k]) for t, k in enumerate(keys)},
+                       support=np.array(su, np.int32))
+
+
+INHERIT_MIN_ORGANS = 2
 
 
 def inherit_markers(table: MarkerTable) -> MarkerTable:
-    """Each type also carries the markers of its Cell Ontology ancestors that are types of the
-    same table (a CD8 T cell is a T cell: T cell markers are evidence for it, their absence
-    evidence against it); a type's own sign for a gene wins."""
+    """Each type also carries the markers of its Cell Ontology ancestors (types of the same
+    table) on which at least :data:`INHERIT_MIN_ORGANS` organ tables agree: a CD8 T cell is a
+    T cell, so the T cell markers the atlas agrees on are evidence for it. One organ's list
+    for a broad type can be particular to that organ (ASCT+B's lymph-node "B cell" lists
+    cycling genes), so single-organ markers are not passed down. A type's own sign wins."""
     from .ontology import cell_ontology
 
     cl = cell_ontology()
     tcode = {term: t for t, (_, term) in enumerate(table.types) if term}
-    own: dict[int, dict[int, int]] = {}
-    for t, g, s in zip(table.type_idx.tolist(), table.gene_idx.tolist(), table.sign.tolist()):
-        own.setdefault(t, {})[g] = s
-    ti, gi, sg = [], [], []
+    own: dict[int, dict[int, tuple[int, int]]] = {}
+    for t, g, s, n in zip(table.type_idx.tolist(), table.gene_idx.tolist(), table.sign.tolist(), table.support.tolist()):
+        own.setdefault(t, {})[g] = (s, n)
+    ti, gi, sg, su = [], [], [], []
     for t, (_, term) in enumerate(table.types):
         merged = dict(own.get(t, {}))
         if term and term in cl:
             for anc, _dist in sorted(cl[term]["ancestors"].items(), key=lambda x: (x[1], x[0])):
-                for g, s in sorted(own.get(tcode.get(anc, -1), {}).items()):
-                    merged.setdefault(g, s)
-        for g, s in sorted(merged.items()):
-            ti.append(t), gi.append(g), sg.append(s)
+                for g, (s, n) in sorted(own.get(tcode.get(anc, -1), {}).items()):
+                    if n >= INHERIT_MIN_ORGANS:
+                        merged.setdefault(g, (s, n))
+        for g, (s, n) in sorted(merged.items()):
+            ti.append(t), gi.append(g), sg.append(s), su.append(n)
     return MarkerTable(types=table.types, genes=table.genes, type_idx=np.array(ti, np.int32), gene_idx=np.array(gi, np.int32),
-                       sign=np.array(sg, np.int8), organs=table.organs)
+                       sign=np.array(sg, np.int8), organs=table.organs, support=np.array(su, np.int32))
 
 
 def marker_artifact(table: MarkerTable, *, name: str, species: str, version: str, source: dict) -> tuple[dict, dict]:
@@ -161,7 +172,8 @@ def marker_artifact(table: MarkerTable, *, name: str, species: str, version: str
         bad = [labels[i] for i in np.flatnonzero(n_pos == 0)][:3]
         raise ConfigError(f"marker table: cell type(s) {bad} have no positive marker; give every type at least one positive marker gene")
     arrays = {"genes": np.array(table.genes, dtype=str), "type_idx": table.type_idx, "gene_idx": table.gene_idx, "sign": table.sign,
-              "gene_types": np.maximum(df, 1).astype(np.int32)}
+              "gene_types": np.maximum(df, 1).astype(np.int32),
+              "support": table.support}
     organs = sorted({o for v in table.organs.values() for o in v})
     meta = {
         "kind": "markers", "name": name, "version": version, "species": species, "source": source,

@@ -153,7 +153,8 @@ def main(argv=None) -> int:
         human_genes = {r[2] for r in rows_out}
         report.update(human_genes=len(human_genes), mouse_genes_kept=len(human_genes - lost), genes_lost=len(lost),
                       lost_examples=sorted(lost)[:40], checked_against=a.mouse_genes)
-        rows_out = mapped
+        pos_types = {r[1] for r in mapped if r[3] == "+"}
+        rows_out = [r for r in mapped if r[1] in pos_types]  # a type needs a positive marker left
         report["rows"] = len(rows_out)
         report["cell_types"] = len({r[1] for r in rows_out})
     rows_out.sort(key=lambda r: (r[1], r[3] != "+", r[2]))
