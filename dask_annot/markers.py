@@ -347,10 +347,11 @@ def _concat_scores(parts: list, n_types: int) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types))
 
 
-def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int = POOL_ROUNDS, block: int = 4096) -> np.ndarray:
+def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None, block: int = 4096) -> np.ndarray:
     """Per cell, ``sqrt(sum_j w_ij^2)`` of the pooling weights (the rows of ``P^rounds``, ``P``
     the row-stochastic "self and neighbours" matrix): the standard deviation of a pooled score
     when the raw scores are independent with unit variance, so ``pooled / norm`` is a z-score."""
+    rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or n == 0:
         return np.ones(n)
     valid = nbr >= 0
@@ -367,8 +368,10 @@ def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int = POOL_ROUNDS,
     return out
 
 
-def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int = POOL_ROUNDS, block: int = 4096) -> np.ndarray:
-    """Mean of each cell's scores with its neighbours' (``nbr``: cells x k, -1 = none), ``rounds`` times."""
+def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None, block: int = 4096) -> np.ndarray:
+    """Mean of each cell's scores with its neighbours' (``nbr``: cells x k, -1 = none), ``rounds``
+    (default :data:`POOL_ROUNDS`) times."""
+    rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or scores.shape[0] == 0:
         return scores
     valid = nbr >= 0
@@ -450,7 +453,7 @@ def annotate_scores(raw_scores: np.ndarray, graph: dict | None, model: MarkerMod
     pooled = pool(raw_scores, nbr) / pool_weights_norm(nbr, raw_scores.shape[0])[:, None]
     pooled[:, ~plan.scorable] = -np.inf
     calls = walk(pooled, model)
-    rec = {**parameters(), "pooled": nbr is not None, "graph": (graph or {}).get("how")}
+    rec = {**parameters(), "pooled": nbr is not None and POOL_ROUNDS > 0, "graph": (graph or {}).get("how")}
     return calls, rec
 
 
