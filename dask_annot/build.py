@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, h5, knn
+from . import __version__, confidence, h5, knn
 from .errors import ConfigError, InputFormatError
 from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
 from .ontology import CL_RELEASE, levels_for, read_ontology_map
@@ -234,6 +234,9 @@ def build_reference(
     seed: int = 0,
     knn_method: str = "auto",
     cells_per_block: int = 20_000,
+    shard_cells: int | None = None,
+    ivf_lists: int | None = None,
+    ivf_probes: int | None = None,
 ) -> Path:
     """Build a kNN reference directory from labelled raw counts; returns its path.
 
@@ -280,9 +283,11 @@ def build_reference(
     else:
         datasets = [name]
         dataset_codes = np.zeros(n, dtype=np.int32)
-    method = knn.choose_method(n, knn_method)
+    shard_files, shard_meta = knn.plan_shards(embedding, n_cells=n, knn_method=knn_method, shard_cells=shard_cells,
+                                              ivf_lists=ivf_lists, ivf_probes=ivf_probes, seed=seed)
+    method = knn.choose_method(n, knn_method, has_ivf=bool(shard_meta and shard_meta["ivf"]))
     knn_meta = {"method": method, "seed": seed, "n_neighbors": 30, "epsilon": 0.2}
-    extra_files = {}
+    extra_files = dict(shard_files)
     if method == "ann":
         def write_index(path: Path) -> None:
             index = knn.build_ann_index(embedding, seed=seed, n_neighbors=knn_meta["n_neighbors"])
@@ -316,7 +321,13 @@ def build_reference(
         "ontology": {"release": CL_RELEASE, "mapped": any(lv.ontology_id for lv in raw_levels.values())},
         "datasets": list(datasets),
         "knn": knn_meta,
+        **({"shards": shard_meta} if shard_meta else {}),
     }
+    # novelty thresholds and calibration maps (see dask_annot.confidence)
+    meta["confidence"] = confidence.fit(
+        lambda: (cells.read(a, b)[sel] for a, b, sel in cells.kept_blocks(cells_per_block)), label_codes=label_codes,
+        labels=fine_names, levels=[levels_by_fine[f] for f in fine_names], embedding=embedding, dataset_codes=dataset_codes,
+        n_datasets=len(datasets), n_genes=int(cells.gene_ids.size), seed=seed)
     return _write_artifact(output, arrays, meta, extra_files=extra_files)
 
 
