@@ -15,7 +15,12 @@ chunking, workers or scheduler; the one query-wide quantity is an exact integer 
    little (``-sqrt(mu)``): the score is depth-aware where a rank or a log-normalised
    z-score is not.
 2. **Stouffer per type.** ``S_t = sum_g sign_g z_g / sqrt(m_t)`` over the type's ``m_t``
-   markers seen in the query (a gene with no count anywhere in the query is not evidence).
+   markers measured in the query (a gene with no count anywhere in the query is not
+   evidence). A type is a candidate only when at least :data:`MIN_MEASURED` of its markers,
+   and at least :data:`MIN_MEASURED_GENES`, are measured: a type cannot be judged on the
+   one or two of its markers it shares with others (endothelial cells on HLA class II
+   genes alone called B cells). A type also carries the markers of its Cell Ontology
+   ancestors that two or more organ tables agree on (:func:`inherit_markers`).
 3. **Pooling over the query's own neighbour graph** (the 15-NN graph of
    :func:`dask_annot.consensus.query_graph`): ``S <- mean of S over the cell and its
    neighbours``, :data:`POOL_ROUNDS` times (a cell's neighbours share its type, so their
@@ -260,7 +265,7 @@ class GenePlan:
     def record(self) -> dict:
         return {"model_genes": self.n_model_genes, "shared_genes": int(self.query_cols.size), "matched_by": "symbol, case-insensitive",
                 "cell_types_scorable": int(self.scorable.sum()), "cell_types": int(self.scorable.size),
-                "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers (and {MIN_MEASURED_GENES}) in the matrix"}
+                "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers, and at least {MIN_MEASURED_GENES}, in the matrix"}
 
 
 def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str) -> GenePlan:
@@ -277,7 +282,7 @@ def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str)
     measured[np.array(m, np.int64)] = True
     n_all = np.bincount(model.type_idx, minlength=len(model.labels))
     n_meas = np.bincount(model.type_idx, weights=measured[model.gene_idx], minlength=len(model.labels))
-    scorable = (n_meas >= MIN_MEASURED * n_all) & (n_meas >= np.minimum(MIN_MEASURED_GENES, n_all)) & (n_all > 0)
+    scorable = (n_meas >= MIN_MEASURED * n_all) & (n_meas >= MIN_MEASURED_GENES)
     if len(q) < MIN_SHARED_GENES or not scorable.any():
         raise GeneOverlapError(
             f"{source}: only {len(q)} of the {len(model.genes)} marker genes of model '{model.name}' ({model.species}) are in the matrix; "
@@ -297,15 +302,17 @@ def gene_rates(sums: list, total_umi: int) -> np.ndarray:
 
 
 def type_weights(model: MarkerModel, plan: GenePlan, rates: np.ndarray) -> sp.csr_matrix:
-    """types x shared genes: ``sign / sqrt(m_t)``, ``m_t`` the type's number of markers in the
-    model; a marker not measured in the query, or with no count in it, is no evidence (z = 0)."""
+    """types x shared genes: ``sign / sqrt(m_t)``, ``m_t`` the type's number of markers measured
+    in the query (a type with too few of them is left out, see :func:`align_markers`); a marker
+    with no count anywhere in the query is no evidence (z = 0)."""
     col_of = np.full(len(model.genes), -1, np.int64)
     col_of[plan.model_genes] = np.arange(plan.model_genes.size)
     cols = col_of[model.gene_idx]
     ok = cols >= 0
     ok[ok] &= rates[cols[ok]] > 0
     t, c, s = model.type_idx[ok], cols[ok], model.sign[ok]
-    m = np.bincount(model.type_idx, minlength=len(model.labels)).astype(np.float64)
+    m = np.bincount(model.type_idx, weights=(cols >= 0), minlength=len(model.labels)).astype(np.float64)
+    m[m == 0] = 1.0
     w = s / np.sqrt(m[t])
     return sp.csr_matrix((w, (t, c)), shape=(len(model.labels), plan.query_cols.size))
 
