@@ -15,7 +15,12 @@ chunking, workers or scheduler; the one query-wide quantity is an exact integer 
    little (``-sqrt(mu)``): the score is depth-aware where a rank or a log-normalised
    z-score is not.
 2. **Stouffer per type.** ``S_t = sum_g sign_g z_g / sqrt(m_t)`` over the type's ``m_t``
-   markers seen in the query (a gene with no count anywhere in the query is not evidence).
+   markers measured in the query (a gene with no count anywhere in the query is not
+   evidence). A type is a candidate only when at least :data:`MIN_MEASURED` of its markers,
+   and at least :data:`MIN_MEASURED_GENES`, are measured: a type cannot be judged on the
+   one or two of its markers it shares with others (endothelial cells on HLA class II
+   genes alone called B cells). A type also carries the markers of its Cell Ontology
+   ancestors that two or more organ tables agree on (:func:`inherit_markers`).
 3. **Pooling over the query's own neighbour graph** (the 15-NN graph of
    :func:`dask_annot.consensus.query_graph`): ``S <- mean of S over the cell and its
    neighbours``, :data:`POOL_ROUNDS` times (a cell's neighbours share its type, so their
@@ -78,6 +83,7 @@ class MarkerTable:
     gene_idx: np.ndarray
     sign: np.ndarray
     organs: dict[int, list[str]]
+    support: np.ndarray  # per entry: how many organs' tables list the marker (at least 1)
 
 
 def read_marker_table(path: str | os.PathLike) -> MarkerTable:
@@ -95,6 +101,7 @@ def read_marker_table(path: str | os.PathLike) -> MarkerTable:
             raise InputFormatError(f"{p}: a marker table needs the columns cell_type,ontology_id,gene (optional sign,organ); found {sorted(cols)}")
         entries: dict[tuple, dict[str, int]] = {}
         organs: dict[tuple, set[str]] = {}
+        gene_organs: dict[tuple, set[str]] = {}
         names: dict[str, str] = {}
         for line, row in enumerate(reader, start=2):
             name, term, gene = (row.get("cell_type") or "").strip(), (row.get("ontology_id") or "").strip(), (row.get("gene") or "").strip()
@@ -108,43 +115,52 @@ def read_marker_table(path: str | os.PathLike) -> MarkerTable:
             g = entries.setdefault(key, {})
             s = 1 if sign_txt == "+" else -1
             g[gene] = max(g.get(gene, s), s)
-            organs.setdefault(key, set()).update(o for o in (row.get("organ") or "").split(";") if o.strip())
+            listed = {o.strip() for o in (row.get("organ") or "").split(";") if o.strip()}
+            organs.setdefault(key, set()).update(listed)
+            gene_organs.setdefault((key, gene), set()).update(listed)
     if not entries:
         raise InputFormatError(f"{p}: no marker rows; a marker table needs at least one cell type with marker genes")
     keys = sorted(entries)
     genes = sorted({g for e in entries.values() for g in e})
     gcode = {g: i for i, g in enumerate(genes)}
-    ti, gi, sg = [], [], []
+    ti, gi, sg, su = [], [], [], []
     for t, key in enumerate(keys):
         for g, s in sorted(entries[key].items()):
-            ti.append(t), gi.append(gcode[g]), sg.append(s)
+            ti.append(t), gi.append(gcode[g]), sg.append(s), su.append(max(1, len(gene_organs.get((key, g), ()))))
     types = [(names[k], k if k.startswith("CL:") else None) for k in keys]
     return MarkerTable(types=types, genes=genes, type_idx=np.array(ti, np.int32), gene_idx=np.array(gi, np.int32),
-                       sign=np.array(sg, np.int8), organs={t: sorted(organs[k]) for t, k in enumerate(keys)})
+                       sign=np.array(sg, np.int8), organs={t: sorted(organs[k]) for t, k in enumerate(keys)},
+                       support=np.array(su, np.int32))
+
+
+INHERIT_MIN_ORGANS = 2
 
 
 def inherit_markers(table: MarkerTable) -> MarkerTable:
-    """Each type also carries the markers of its Cell Ontology ancestors that are types of the
-    same table (a CD8 T cell is a T cell: T cell markers are evidence for it, their absence
-    evidence against it); a type's own sign for a gene wins."""
+    """Each type also carries the markers of its Cell Ontology ancestors (types of the same
+    table) on which at least :data:`INHERIT_MIN_ORGANS` organ tables agree: a CD8 T cell is a
+    T cell, so the T cell markers the atlas agrees on are evidence for it. One organ's list
+    for a broad type can be particular to that organ (ASCT+B's lymph-node "B cell" lists
+    cycling genes), so single-organ markers are not passed down. A type's own sign wins."""
     from .ontology import cell_ontology
 
     cl = cell_ontology()
     tcode = {term: t for t, (_, term) in enumerate(table.types) if term}
-    own: dict[int, dict[int, int]] = {}
-    for t, g, s in zip(table.type_idx.tolist(), table.gene_idx.tolist(), table.sign.tolist()):
-        own.setdefault(t, {})[g] = s
-    ti, gi, sg = [], [], []
+    own: dict[int, dict[int, tuple[int, int]]] = {}
+    for t, g, s, n in zip(table.type_idx.tolist(), table.gene_idx.tolist(), table.sign.tolist(), table.support.tolist()):
+        own.setdefault(t, {})[g] = (s, n)
+    ti, gi, sg, su = [], [], [], []
     for t, (_, term) in enumerate(table.types):
         merged = dict(own.get(t, {}))
         if term and term in cl:
             for anc, _dist in sorted(cl[term]["ancestors"].items(), key=lambda x: (x[1], x[0])):
-                for g, s in sorted(own.get(tcode.get(anc, -1), {}).items()):
-                    merged.setdefault(g, s)
-        for g, s in sorted(merged.items()):
-            ti.append(t), gi.append(g), sg.append(s)
+                for g, (s, n) in sorted(own.get(tcode.get(anc, -1), {}).items()):
+                    if n >= INHERIT_MIN_ORGANS:
+                        merged.setdefault(g, (s, n))
+        for g, (s, n) in sorted(merged.items()):
+            ti.append(t), gi.append(g), sg.append(s), su.append(n)
     return MarkerTable(types=table.types, genes=table.genes, type_idx=np.array(ti, np.int32), gene_idx=np.array(gi, np.int32),
-                       sign=np.array(sg, np.int8), organs=table.organs)
+                       sign=np.array(sg, np.int8), organs=table.organs, support=np.array(su, np.int32))
 
 
 def marker_artifact(table: MarkerTable, *, name: str, species: str, version: str, source: dict) -> tuple[dict, dict]:
@@ -161,7 +177,8 @@ def marker_artifact(table: MarkerTable, *, name: str, species: str, version: str
         bad = [labels[i] for i in np.flatnonzero(n_pos == 0)][:3]
         raise ConfigError(f"marker table: cell type(s) {bad} have no positive marker; give every type at least one positive marker gene")
     arrays = {"genes": np.array(table.genes, dtype=str), "type_idx": table.type_idx, "gene_idx": table.gene_idx, "sign": table.sign,
-              "gene_types": np.maximum(df, 1).astype(np.int32)}
+              "gene_types": np.maximum(df, 1).astype(np.int32),
+              "support": table.support}
     organs = sorted({o for v in table.organs.values() for o in v})
     meta = {
         "kind": "markers", "name": name, "version": version, "species": species, "source": source,
@@ -248,7 +265,7 @@ class GenePlan:
     def record(self) -> dict:
         return {"model_genes": self.n_model_genes, "shared_genes": int(self.query_cols.size), "matched_by": "symbol, case-insensitive",
                 "cell_types_scorable": int(self.scorable.sum()), "cell_types": int(self.scorable.size),
-                "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers (and {MIN_MEASURED_GENES}) in the matrix"}
+                "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers, and at least {MIN_MEASURED_GENES}, in the matrix"}
 
 
 def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str) -> GenePlan:
@@ -265,7 +282,7 @@ def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str)
     measured[np.array(m, np.int64)] = True
     n_all = np.bincount(model.type_idx, minlength=len(model.labels))
     n_meas = np.bincount(model.type_idx, weights=measured[model.gene_idx], minlength=len(model.labels))
-    scorable = (n_meas >= MIN_MEASURED * n_all) & (n_meas >= np.minimum(MIN_MEASURED_GENES, n_all)) & (n_all > 0)
+    scorable = (n_meas >= MIN_MEASURED * n_all) & (n_meas >= MIN_MEASURED_GENES)
     if len(q) < MIN_SHARED_GENES or not scorable.any():
         raise GeneOverlapError(
             f"{source}: only {len(q)} of the {len(model.genes)} marker genes of model '{model.name}' ({model.species}) are in the matrix; "
@@ -285,15 +302,17 @@ def gene_rates(sums: list, total_umi: int) -> np.ndarray:
 
 
 def type_weights(model: MarkerModel, plan: GenePlan, rates: np.ndarray) -> sp.csr_matrix:
-    """types x shared genes: ``sign / sqrt(m_t)``, ``m_t`` the type's number of markers in the
-    model; a marker not measured in the query, or with no count in it, is no evidence (z = 0)."""
+    """types x shared genes: ``sign / sqrt(m_t)``, ``m_t`` the type's number of markers measured
+    in the query (a type with too few of them is left out, see :func:`align_markers`); a marker
+    with no count anywhere in the query is no evidence (z = 0)."""
     col_of = np.full(len(model.genes), -1, np.int64)
     col_of[plan.model_genes] = np.arange(plan.model_genes.size)
     cols = col_of[model.gene_idx]
     ok = cols >= 0
     ok[ok] &= rates[cols[ok]] > 0
     t, c, s = model.type_idx[ok], cols[ok], model.sign[ok]
-    m = np.bincount(model.type_idx, minlength=len(model.labels)).astype(np.float64)
+    m = np.bincount(model.type_idx, weights=(cols >= 0), minlength=len(model.labels)).astype(np.float64)
+    m[m == 0] = 1.0
     w = s / np.sqrt(m[t])
     return sp.csr_matrix((w, (t, c)), shape=(len(model.labels), plan.query_cols.size))
 
@@ -335,10 +354,11 @@ def _concat_scores(parts: list, n_types: int) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types))
 
 
-def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int = POOL_ROUNDS, block: int = 4096) -> np.ndarray:
+def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None, block: int = 4096) -> np.ndarray:
     """Per cell, ``sqrt(sum_j w_ij^2)`` of the pooling weights (the rows of ``P^rounds``, ``P``
     the row-stochastic "self and neighbours" matrix): the standard deviation of a pooled score
     when the raw scores are independent with unit variance, so ``pooled / norm`` is a z-score."""
+    rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or n == 0:
         return np.ones(n)
     valid = nbr >= 0
@@ -355,8 +375,10 @@ def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int = POOL_ROUNDS,
     return out
 
 
-def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int = POOL_ROUNDS, block: int = 4096) -> np.ndarray:
-    """Mean of each cell's scores with its neighbours' (``nbr``: cells x k, -1 = none), ``rounds`` times."""
+def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None, block: int = 4096) -> np.ndarray:
+    """Mean of each cell's scores with its neighbours' (``nbr``: cells x k, -1 = none), ``rounds``
+    (default :data:`POOL_ROUNDS`) times."""
+    rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or scores.shape[0] == 0:
         return scores
     valid = nbr >= 0
@@ -438,7 +460,7 @@ def annotate_scores(raw_scores: np.ndarray, graph: dict | None, model: MarkerMod
     pooled = pool(raw_scores, nbr) / pool_weights_norm(nbr, raw_scores.shape[0])[:, None]
     pooled[:, ~plan.scorable] = -np.inf
     calls = walk(pooled, model)
-    rec = {**parameters(), "pooled": nbr is not None, "graph": (graph or {}).get("how")}
+    rec = {**parameters(), "pooled": nbr is not None and POOL_ROUNDS > 0, "graph": (graph or {}).get("how")}
     return calls, rec
 
 

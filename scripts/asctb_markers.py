@@ -11,7 +11,10 @@ holds, see its README) and writes one row per (cell type, gene, organ)::
 Rules (the whole of the curation; nothing is hand-edited per cell type):
 - the cell type of a row is its last ``CT/n`` whose id is a Cell Ontology id known to the
   Cell Ontology release shipped in the package (rows ending in a temporary id are dropped);
-- positive markers: the row's ``BGene/n`` symbols (HGNC);
+- positive markers: the row's ``BGene/n`` genes. Tables often write a gene by its product's
+  name ("Glucagon", "Chromogranin A", "CD20"); each entry's HGNC id is resolved to the symbol
+  the tables themselves give for that id (the most frequent symbol-like ``LABEL``, else the
+  most frequent symbol-like name), falling back to the name when it looks like a symbol;
 - negative markers: the row's ``BProtein/n`` entries written ``NAME-`` (not ``+/-`` or ``lo``)
   whose HGNC id is a gene symbol some ``BGene`` column of any table names (so the protein
   names resolve to symbols without another source); a gene positive for a type anywhere is
@@ -91,16 +94,30 @@ def main(argv=None) -> int:
 
     cl = cell_ontology()
     tables = [(organ_name(p), *read_table(p)) for p in files]
-    # HGNC id -> symbol, from every BGene column
-    hgnc: dict[str, str] = {}
+    # HGNC id -> symbol, from what the tables write for that id (gene and protein columns)
+    from collections import Counter
+
+    by_label: dict[str, Counter] = defaultdict(Counter)
+    by_name: dict[str, Counter] = defaultdict(Counter)
     for _, hdr, rows in tables:
         col = {c: i for i, c in enumerate(hdr)}
         for c in hdr:
-            if c.startswith("BGene/") and c.count("/") == 1 and f"{c}/ID" in col:
+            if re.match(r"^B(Gene|Protein)/\d+$", c) and f"{c}/ID" in col:
                 for r in rows:
-                    sym, gid = r[col[c]].strip(), r[col[f"{c}/ID"]].strip()
-                    if sym and gid.startswith("HGNC:") and SYMBOL.match(sym):
-                        hgnc.setdefault(gid, sym)
+                    r = r + [""] * (len(hdr) - len(r))
+                    gid = r[col[f"{c}/ID"]].strip()
+                    if not gid.startswith("HGNC:"):
+                        continue
+                    lab = r[col[f"{c}/LABEL"]].strip() if f"{c}/LABEL" in col else ""
+                    name = r[col[c]].strip().rstrip("+-/").strip()
+                    if SYMBOL.match(lab):
+                        by_label[gid][lab] += 1
+                    if SYMBOL.match(name):
+                        by_name[gid][name] += 1
+    hgnc: dict[str, str] = {}
+    for gid in set(by_label) | set(by_name):
+        pick = by_label.get(gid) or by_name.get(gid)
+        hgnc[gid] = sorted(pick.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
     pos: dict[tuple[str, str], set[str]] = defaultdict(set)  # (CL id, gene) -> organs
     neg: dict[tuple[str, str], set[str]] = defaultdict(set)
     dropped_ct = set()
@@ -120,9 +137,10 @@ def main(argv=None) -> int:
                 dropped_ct.add(term)
                 continue
             for c in genes:
-                sym = r[col[c]].strip().upper()
+                gid = r[col[f"{c}/ID"]].strip() if f"{c}/ID" in col else ""
+                sym = hgnc.get(gid) or r[col[c]].strip().upper()
                 if sym and SYMBOL.match(sym):
-                    pos[(term, sym)].add(organ)
+                    pos[(term, sym.upper())].add(organ)
             for c in prots:
                 name, gid = r[col[c]].strip(), r[col.get(f"{c}/ID", col[c])].strip()
                 if name.endswith("-") and not name.endswith("+/-") and gid in hgnc:
@@ -153,7 +171,8 @@ def main(argv=None) -> int:
         human_genes = {r[2] for r in rows_out}
         report.update(human_genes=len(human_genes), mouse_genes_kept=len(human_genes - lost), genes_lost=len(lost),
                       lost_examples=sorted(lost)[:40], checked_against=a.mouse_genes)
-        rows_out = mapped
+        pos_types = {r[1] for r in mapped if r[3] == "+"}
+        rows_out = [r for r in mapped if r[1] in pos_types]  # a type needs a positive marker left
         report["rows"] = len(rows_out)
         report["cell_types"] = len({r[1] for r in rows_out})
     rows_out.sort(key=lambda r: (r[1], r[3] != "+", r[2]))
