@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .errors import DaskAnnotError
+from .errors import ConfigError, DaskAnnotError
 
 EXAMPLE = "data/example/pbmc4k_800cells.h5"
 
@@ -61,11 +61,16 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
 
 def _cmd_build_reference(a: argparse.Namespace) -> int:
     from .build import build_reference
+    from .sources import open_reference_input
 
+    cells = open_reference_input(a, log=_log)
+    if cells is None and not a.label_column:
+        raise ConfigError(f"{a.input[0]}: is not a CELLxGENE-schema .h5ad; pass --label-column with the obs column holding the cell type")
     out = build_reference(
-        a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
+        a.input[0] if a.input else None, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
         dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
         species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
+        cells=cells, merge_same_term=a.merge_same_term,
     )
     print(out)
     return 0
@@ -170,8 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("build-reference", help="build a reference model from labelled counts",
                         description="Build a versioned reference (genes, normalization, PCA, embedding, labels, levels, index).",
                         epilog="example: dask-annot build-reference --input labelled.h5ad --label-column cell_type --name my_ref --output my_ref --ontology-map map.csv")
-    br.add_argument("--input", required=True, help=".h5ad with raw counts (or a 10x H5 with --labels)")
-    br.add_argument("--label-column", required=True, help="obs column (or --labels CSV column) holding the cell type")
+    br.add_argument("--input", nargs="+", help=".h5ad with raw counts (or a 10x H5 with --labels); or one or more "
+                    "CELLxGENE-schema .h5ad files, streamed into one reference")
+    br.add_argument("--label-column", default=None, help="obs column (or --labels CSV column) holding the cell type "
+                    "(CELLxGENE inputs: cell_type_ontology_term_id, the default)")
+    br.add_argument("--census", metavar="FILTER", default=None, help="build from the CELLxGENE Census: cells whose obs match "
+                    "FILTER, e.g. 'tissue_general == \"lung\" and is_primary_data == True' (needs dask-annot[census])")
+    br.add_argument("--organism", default="homo_sapiens", help="Census organism (default homo_sapiens)")
+    br.add_argument("--census-version", default=None, help="Census release (default: the latest stable)")
+    br.add_argument("--census-uri", default=None, help="a local or cloud SOMA store (a Census copy or one experiment) instead of the public Census")
+    br.add_argument("--obs-filter", default=None, help="CELLxGENE files: keep cells whose obs match this expression")
+    br.add_argument("--max-cells-per-type", type=int, default=None, help="CELLxGENE/Census: keep at most N cells per cell type "
+                    "(seeded by --seed, stratified by dataset)")
+    br.add_argument("--min-cells-per-type", type=int, default=None, help="CELLxGENE/Census: drop (and report) cell types with "
+                    "fewer cells (default 10)")
+    br.add_argument("--merge-same-term", action="store_true", help="allow labels mapped to the same Cell Ontology term to become one class")
     br.add_argument("--name", required=True, help="model name (the output subdirectory of annotate)")
     br.add_argument("--output", required=True, help="new directory for the reference")
     br.add_argument("--ontology-map", default=None, help="CSV label,ontology_id mapping labels to Cell Ontology terms")
