@@ -54,8 +54,8 @@ def select_cells(labels: np.ndarray, datasets: np.ndarray, *, mask: np.ndarray |
     report: a reference must hold the classes asked for, or say it does not); then each
     class above ``max_cells_per_type`` is subsampled, its quota split over datasets in
     proportion to their cells (largest remainders; ties by dataset name) and drawn per
-    (class, dataset) by a generator seeded with ``seed`` and the pair's names, so the choice
-    depends neither on file order nor on other classes.
+    (class, dataset) by a generator seeded with ``seed`` and the pair's names, so a class's
+    draw does not depend on the other classes (the cells' order is the input's).
     """
     labels = np.asarray(labels, dtype=object)
     datasets = np.asarray(datasets, dtype=object)
