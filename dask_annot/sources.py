@@ -39,6 +39,7 @@ LABEL_COLUMN = "cell_type_ontology_term_id"
 DATASET_COLUMN = "dataset_id"
 MIN_CELLS_PER_TYPE = 10
 _CL_ID = re.compile(r"^CL:\d{7}$")
+_ENSEMBL_VERSIONED = re.compile(r"^ENS[A-Z]*G\d{6,}\.\d+$")
 CENSUS_INSTALL = "pip install 'dask-annot[census]'"
 
 
@@ -254,7 +255,7 @@ def open_cellxgene_files(paths: Sequence[str | os.PathLike], *, obs_filter: str 
             raise InputFormatError(f"{p}: obs has {len(obs)} rows but the matrix {info.n_cells} cells; the file is inconsistent")
         cols = np.empty(info.n_features, dtype=np.int64)
         for j, (gid, name) in enumerate(zip(np.asarray(info.feature_ids, dtype=str).tolist(), np.asarray(info.feature_names, dtype=str).tolist())):
-            key = gid.split(".")[0]
+            key = gid.split(".")[0] if _ENSEMBL_VERSIONED.match(gid) else gid
             if key not in uni_index:
                 uni_index[key] = len(uni_ids)
                 uni_ids.append(gid)
