@@ -6,7 +6,7 @@ evidence kernel's peak at 300 labels x 100 datasets.
     python benchmarks/bench_cellxgene.py evidence [--cells 10000 --k 500 --labels 300 --datasets 100]
 
 ``build``: simulates ``--cells`` cells with benchmarks/simulate.py (fitted to the sorted PBMC,
-seed 1), splits them into ``--files`` CELLxGENE-schema h5ads (``cell_type_ontology_term_id``
+seed 1) or, with ``--tile SOURCE.h5ad``, repeats that file's real cells; splits them into ``--files`` CELLxGENE-schema h5ads (``cell_type_ontology_term_id``
 = the Cell Ontology id of the simulated type, ``feature_name``, raw counts in X, the dataset
 id from the file name), then runs ``dask-annot build-reference --input <all files>`` in a
 fresh process and reports its wall time and peak resident memory (``ru_maxrss``).
@@ -59,17 +59,50 @@ def split_into_cellxgene_files(sim: Path, labels_csv: Path, n_files: int, out: P
     return files
 
 
+def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_files: int, out: Path) -> list[Path]:
+    """``n_cells`` cells made by repeating a real labelled h5ad's cells (each copy its own barcode)."""
+    import anndata as ad
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT))
+    from dask_annot import h5
+
+    cl = {r["label"]: r["ontology_id"] for r in csv.DictReader(open(ROOT / "dask_annot" / "data" / "maps" / "pbmc_sorted_zheng2017.csv"))}
+    info = h5.open_matrix(source)
+    X = h5.read_cells(info, 0, info.n_cells)
+    labels = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(cl).to_numpy()
+    var = pd.DataFrame({"feature_name": list(info.feature_names)}, index=pd.Index(list(info.feature_ids)))
+    out.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, n_cells, n_files + 1).astype(int)
+    files = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        p = out / f"dataset-{i:02d}.h5ad"
+        files.append(p)
+        if p.exists():
+            continue
+        rows = np.arange(a, b) % info.n_cells
+        obs = pd.DataFrame({"cell_type_ontology_term_id": pd.Categorical(labels[rows]), "is_primary_data": True},
+                           index=pd.Index([f"c{j:07d}" for j in range(a, b)]))
+        tmp = p.with_suffix(".tmp.h5ad")
+        ad.AnnData(X=X[rows], obs=obs, var=var).write_h5ad(tmp)
+        os.replace(tmp, p)
+    return files
+
+
 def cmd_build(a) -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    sim = work / f"sim_{a.cells}.h5"
     t = time.time()
-    if not sim.exists():
-        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simulate.py"), "--cells", str(a.cells), "--output", str(sim), "--seed", "1"],
-                       check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    print(json.dumps({"simulated": str(sim), "seconds": round(time.time() - t, 1)}), flush=True)
-    t = time.time()
-    files = split_into_cellxgene_files(sim, sim.with_suffix(".labels.csv"), a.files, work / f"cxg_{a.cells}_{a.files}")
+    if a.tile:
+        files = tile_into_cellxgene_files(Path(a.tile), a.label_column, a.cells, a.files, work / f"tiled_{a.cells}_{a.files}")
+    else:
+        sim = work / f"sim_{a.cells}.h5"
+        if not sim.exists():
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simulate.py"), "--cells", str(a.cells), "--output", str(sim), "--seed", "1"],
+                           check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        print(json.dumps({"simulated": str(sim), "seconds": round(time.time() - t, 1)}), flush=True)
+        t = time.time()
+        files = split_into_cellxgene_files(sim, sim.with_suffix(".labels.csv"), a.files, work / f"cxg_{a.cells}_{a.files}")
     print(json.dumps({"files": len(files), "seconds": round(time.time() - t, 1)}), flush=True)
     out = work / "ref"
     if out.exists():
@@ -88,7 +121,7 @@ def cmd_build(a) -> None:
         return
     _, secs, kb = line[-1].split()
     meta = json.loads((out / "reference.json").read_text())
-    print(json.dumps({"build": "cellxgene files", "cells": meta["n_cells"], "files": len(files), "datasets": len(meta["datasets"]),
+    print(json.dumps({"build": "cellxgene files", "input": "tiled " + Path(a.tile).name if a.tile else "simulated", "cells": meta["n_cells"], "files": len(files), "datasets": len(meta["datasets"]),
                       "minutes": round(float(secs) / 60, 2), "peak_rss_gb": round(int(kb) / 2**20, 2),
                       "max_cells_per_type": a.max_cells_per_type}), flush=True)
 
@@ -133,6 +166,8 @@ def main() -> None:
     b.add_argument("--cells", type=int, default=1_000_000)
     b.add_argument("--files", type=int, default=20)
     b.add_argument("--max-cells-per-type", type=int, default=None)
+    b.add_argument("--tile", default=None, help="repeat this labelled h5ad's cells instead of simulating (faster to make)")
+    b.add_argument("--label-column", default="trueLabel", help="--tile's label column (mapped to CL by the sorted PBMC map)")
     b.add_argument("--workdir", default="/tmp/dask-annot-bench-cxg")
     e = sub.add_parser("evidence")
     e.add_argument("--cells", type=int, default=10_000)

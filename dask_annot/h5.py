@@ -470,7 +470,15 @@ def _gene_major_entries(info: MatrixInfo, chunk: int):
             start = stop
 
 
-def row_copy(info: MatrixInfo, directory: str | os.PathLike, *, chunk: int = 4_000_000) -> MatrixInfo:
+def _parsed_entries(d: Path, value_dtype: np.dtype, n: int, chunk: int):
+    """(feature, cell, value) chunks back from the binary files the first pass wrote."""
+    with open(d / "parsed.f", "rb") as ff, open(d / "parsed.c", "rb") as fc, open(d / "parsed.v", "rb") as fv:
+        for _ in range(0, n, chunk):
+            yield (np.fromfile(ff, dtype=np.int32, count=chunk).astype(np.int64), np.fromfile(fc, dtype=np.int32, count=chunk).astype(np.int64),
+                   np.fromfile(fv, dtype=value_dtype, count=chunk))
+
+
+def row_copy(info: MatrixInfo, directory: str | os.PathLike, *, chunk: int = 1_000_000) -> MatrixInfo:
     """Copy a gene-major matrix (MEX, CSC h5ad) once into cell order under ``directory``.
 
     Two streaming passes (count the entries of each cell; place each entry at its cell's
@@ -495,9 +503,12 @@ def row_copy(info: MatrixInfo, directory: str | os.PathLike, *, chunk: int = 4_0
         with _open_h5(info.path) as h5:
             value_dtype = h5[f"{info.group}/data"].dtype
         n_entries = int(info.extra["indptr"][-1])
+    # a MEX is text: parse it once, keeping the entries in binary files for the second pass
+    keep_parsed = info.layout == "mex"
+    parsed = [open(d / f"parsed.{k}", "wb") for k in ("f", "c", "v")] if keep_parsed else []
     per_cell = np.zeros(n_cells, dtype=np.int64)
     seen = 0
-    for feat, cell, _ in entries():
+    for feat, cell, val in entries():
         bad = (feat < 0) | (feat >= n_feat) | (cell < 0) | (cell >= n_cells)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
@@ -507,6 +518,13 @@ def row_copy(info: MatrixInfo, directory: str | os.PathLike, *, chunk: int = 4_0
             )
         per_cell += np.bincount(cell, minlength=n_cells)
         seen += feat.size
+        if keep_parsed:
+            for fh, arr in zip(parsed, (feat.astype(np.int32), cell.astype(np.int32), val.astype(value_dtype))):
+                arr.tofile(fh)
+    for fh in parsed:
+        fh.close()
+    if keep_parsed:
+        entries = lambda vt=np.dtype(value_dtype), n=seen: _parsed_entries(d, vt, n, chunk)  # noqa: E731
     if seen != n_entries:
         raise InputFormatError(f"{info.path}: holds {seen} entries but its header says {n_entries}; the file is truncated, copy it again")
     indptr = np.zeros(n_cells + 1, dtype=np.int64)
@@ -531,6 +549,8 @@ def row_copy(info: MatrixInfo, directory: str | os.PathLike, *, chunk: int = 4_0
         nxt[c[starts]] += sizes
     data.close()
     indices.close()
+    for k in ("f", "c", "v"):
+        (d / f"parsed.{k}").unlink(missing_ok=True)
     np.save(d / "indptr.npy", indptr)
     return replace(info, orientation="cells_rows", nnz=seen,
                    extra={**info.extra, "indptr": indptr, "rows": str(d), "rows_dtype": np.dtype(value_dtype).str})
