@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .errors import DaskAnnotError
+from .errors import ConfigError, DaskAnnotError
 
 EXAMPLE = "data/example/pbmc4k_800cells.h5"
 
@@ -63,20 +63,26 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
 def _cmd_build_reference(a: argparse.Namespace) -> int:
     from .build import build_marker_reference, build_reference
     from .errors import ConfigError
+    from .sources import open_reference_input
 
     if a.markers:
-        if a.input or a.label_column:
-            raise ConfigError("build-reference: --markers builds a marker model from a table; leave out --input and --label-column")
+        if a.input or a.label_column or a.census:
+            raise ConfigError("build-reference: --markers builds a marker model from a table; leave out --input, --census and --label-column")
         print(build_marker_reference(a.markers, name=a.name, output=a.output, species=a.species or "human", version=a.version))
         return 0
-    if not a.input or not a.label_column:
-        raise ConfigError("build-reference needs --input and --label-column (a kNN model from labelled cells), or --markers TABLE.csv")
+    if not a.input and not a.census:
+        raise ConfigError("build-reference needs --input (labelled cells: .h5ad files), --census FILTER (CELLxGENE Census), "
+                          "or --markers TABLE.csv (a marker model)")
 
+    cells = open_reference_input(a, log=_log)
+    if cells is None and not a.label_column:
+        raise ConfigError(f"{a.input[0]}: is not a CELLxGENE-schema .h5ad; pass --label-column with the obs column holding the cell type")
     out = build_reference(
-        a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
+        a.input[0] if a.input else None, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
         dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
         species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
         shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
+        cells=cells, merge_same_term=a.merge_same_term,
     )
     print(out)
     return 0
@@ -194,8 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("build-reference", help="build a reference model from labelled counts",
                         description="Build a versioned reference (genes, normalization, PCA, embedding, labels, levels, index).",
                         epilog="example: dask-annot build-reference --input labelled.h5ad --label-column cell_type --name my_ref --output my_ref --ontology-map map.csv")
-    br.add_argument("--input", default=None, help=".h5ad with raw counts (or a 10x H5 with --labels)")
-    br.add_argument("--label-column", default=None, help="obs column (or --labels CSV column) holding the cell type")
+    br.add_argument("--input", nargs="+", help=".h5ad with raw counts (or a 10x H5 with --labels); or one or more "
+                    "CELLxGENE-schema .h5ad files, streamed into one reference")
+    br.add_argument("--label-column", default=None, help="obs column (or --labels CSV column) holding the cell type "
+                    "(CELLxGENE inputs: cell_type_ontology_term_id, the default)")
+    br.add_argument("--census", metavar="FILTER", default=None, help="build from the CELLxGENE Census: cells whose obs match "
+                    "FILTER, e.g. 'tissue_general == \"lung\" and is_primary_data == True' (needs dask-annot[census])")
+    br.add_argument("--organism", default="homo_sapiens", help="Census organism (default homo_sapiens)")
+    br.add_argument("--census-version", default=None, help="Census release (default: the latest stable)")
+    br.add_argument("--census-uri", default=None, help="a local or cloud SOMA store (a Census copy or one experiment) instead of the public Census")
+    br.add_argument("--obs-filter", default=None, help="CELLxGENE files: keep cells whose obs match this expression")
+    br.add_argument("--max-cells-per-type", type=int, default=None, help="CELLxGENE/Census: keep at most N cells per cell type "
+                    "(seeded by --seed, stratified by dataset)")
+    br.add_argument("--min-cells-per-type", type=int, default=None, help="CELLxGENE/Census: drop (and report) cell types with "
+                    "fewer cells (default 10)")
+    br.add_argument("--merge-same-term", action="store_true", help="allow labels mapped to the same Cell Ontology term to become one class")
     br.add_argument("--markers", default=None, help="instead of --input: a marker table CSV (cell_type,ontology_id,gene[,sign,organ]); "
                     "builds a marker model (see docs/marker-models.md)")
     br.add_argument("--name", required=True, help="model name (the output subdirectory of annotate)")

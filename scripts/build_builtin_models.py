@@ -48,12 +48,16 @@ def main() -> None:
         ("human_pbmc_v1", shared / "pbmc_sorted_zheng2017" / "pbmc_sorted_3500.h5ad", "trueLabel", "pbmc_sorted_zheng2017.csv", "human", ()),
         ("mouse_immune_v1", shared / "mouse_immune_actinn" / "actinn_train_1000cells.h5ad", "cell_type", "mouse_immune_actinn.csv", "mouse", ()),
     ]
+    # Ensembl ids for the models' symbols, so real 10x files match by id: the GRCh38 (2020-A)
+    # feature table of a real Cell Ranger 6.0 file. No mouse table with Ensembl ids is at hand
+    # (the Space Ranger mouse file is a 1,000-probe panel), so the mouse model keeps symbols.
+    id_tables = {"human": shared / "tenx_h5_format_tests" / "scminer_cr6.0_brain_tumor_3pLT_182cells_36601genes.h5"}
     for name, path, col, mp, species, excl in specs if a.only in (None, "knn") else ():
         out = models / name
         if out.exists():
             shutil.rmtree(out)
         build_reference(path, label_column=col, name=name, output=out, ontology_map=PKG / "data" / "maps" / mp,
-                        species=species, exclude_labels=excl, version="1")
+                        species=species, exclude_labels=excl, version="1", gene_id_table=id_tables.get(species))
         print("built", out)
     if a.only not in (None, "example"):
         return
