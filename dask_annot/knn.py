@@ -448,14 +448,13 @@ def default_lists(n_cells: int) -> int:
 
 
 @numba.njit(nogil=True, cache=True)
-def _ivf_tile(q64, cent, ref64, members, offsets, probes, k):  # pragma: no cover - compiled
-    """Per query: probe the ``probes`` most similar lists (float64 dots, ties by list
-    index), re-score their members exactly in float64 (fixed order) and keep the top k
-    by (similarity desc, index asc). Rows with fewer than k candidates pad with -inf / -1."""
+def _probe_tile(q64, cent, probes):  # pragma: no cover - compiled
+    """Per query, the ``probes`` lists with the most similar centroids (float64 dots in a
+    fixed order, ties by list index)."""
     n, d = q64.shape
     n_lists = cent.shape[0]
-    out_val = np.full((n, k), -np.inf)
-    out_idx = np.full((n, k), -1, np.int64)
+    probes = min(probes, n_lists)
+    out = np.empty((n, probes), np.int32)
     cd = np.empty(n_lists)
     for i in range(n):
         for c in range(n_lists):
@@ -464,15 +463,30 @@ def _ivf_tile(q64, cent, ref64, members, offsets, probes, k):  # pragma: no cove
                 s += q64[i, t] * cent[c, t]
             cd[c] = -s
         order = np.argsort(cd, kind="mergesort")
+        for j in range(probes):
+            out[i, j] = order[j]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _ivf_tile(q64, probed, ref64, members, offsets, k):  # pragma: no cover - compiled
+    """Per query: re-score the members of its probed lists exactly in float64 (fixed
+    order) and keep the top k by (similarity desc, index asc). Rows with fewer than k
+    candidates pad with -inf / -1."""
+    n, d = q64.shape
+    out_val = np.full((n, k), -np.inf)
+    out_idx = np.full((n, k), -1, np.int64)
+    probes = probed.shape[1]
+    for i in range(n):
         m = 0
-        for j in range(min(probes, n_lists)):
-            c = order[j]
+        for j in range(probes):
+            c = probed[i, j]
             m += offsets[c + 1] - offsets[c]
         vals = np.empty(m)
         ids = np.empty(m, np.int64)
         p = 0
-        for j in range(min(probes, n_lists)):
-            c = order[j]
+        for j in range(probes):
+            c = probed[i, j]
             for u in range(offsets[c], offsets[c + 1]):
                 r = members[u]
                 s = 0.0
@@ -483,40 +497,55 @@ def _ivf_tile(q64, cent, ref64, members, offsets, probes, k):  # pragma: no cove
                 p += 1
         if m == 0:
             continue
-        # sort by (value desc, index asc): negate, then a stable sort of the index-sorted candidates
-        by_id = np.argsort(ids, kind="mergesort")
-        vals = vals[by_id]
-        ids = ids[by_id]
-        if m > k:
-            kth = -np.partition(-vals, k - 1)[k - 1]
-            keep = np.empty(m, np.bool_)
-            above = 0
-            for u in range(m):
-                above += vals[u] > kth
-            need = k - above
-            for u in range(m):
-                if vals[u] > kth:
-                    keep[u] = True
-                elif vals[u] == kth and need > 0:
-                    keep[u] = True
-                    need -= 1
-                else:
-                    keep[u] = False
-            vals = vals[keep]
-            ids = ids[keep]
-        o = np.argsort(-vals, kind="mergesort")
-        kk = min(k, vals.shape[0])
+        kk = min(k, m)
+        # the k largest by (value desc, index asc): everything above the k-th value, then
+        # the lowest indices among those equal to it; O(m) plus a sort of k
+        kth = -np.partition(-vals, kk - 1)[kk - 1]
+        sel_v = np.empty(kk)
+        sel_i = np.empty(kk, np.int64)
+        n_sel = 0
+        n_tie = 0
+        for u in range(m):
+            if vals[u] > kth:
+                sel_v[n_sel] = vals[u]
+                sel_i[n_sel] = ids[u]
+                n_sel += 1
+            elif vals[u] == kth:
+                n_tie += 1
+        tied = np.empty(n_tie, np.int64)
+        n_tie = 0
+        for u in range(m):
+            if vals[u] == kth:
+                tied[n_tie] = ids[u]
+                n_tie += 1
+        tied.sort()
+        for u in range(kk - n_sel):
+            sel_v[n_sel + u] = kth
+            sel_i[n_sel + u] = tied[u]
+        by_id = np.argsort(sel_i, kind="mergesort")
+        sel_v = sel_v[by_id]
+        sel_i = sel_i[by_id]
+        o = np.argsort(-sel_v, kind="mergesort")
         for u in range(kk):
-            out_val[i, u] = vals[o[u]]
-            out_idx[i, u] = ids[o[u]]
+            out_val[i, u] = sel_v[o[u]]
+            out_idx[i, u] = sel_i[o[u]]
     return out_val, out_idx
 
 
-def _ivf_top(q: np.ndarray, shard: Shard, k: int, probes: int) -> tuple[np.ndarray, np.ndarray]:
+def _probe_block(q: np.ndarray, shard: Shard, probes: int) -> np.ndarray:
+    """The lists each query probes (int32, queries x probes), once per chunk for all shards."""
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
-    cent, members, offsets = shard.ivf()
-    vals, ids = _ivf_tile(q64, np.asarray(cent), np.asarray(shard.embedding_unit), np.asarray(members),
-                          np.asarray(offsets), int(probes), int(k))
+    cent = np.asarray(shard.ivf()[0])
+    if q64.shape[0] == 0:
+        return np.empty((0, min(probes, cent.shape[0])), np.int32)
+    return _probe_tile(q64, cent, int(probes))
+
+
+def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[np.ndarray, np.ndarray]:
+    q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
+    _, members, offsets = shard.ivf()
+    vals, ids = _ivf_tile(q64, np.ascontiguousarray(probed), np.asarray(shard.embedding_unit), np.asarray(members),
+                          np.asarray(offsets), int(k))
     ids = np.where(ids >= 0, ids + shard.start, -1)
     return vals, ids
 
@@ -524,15 +553,16 @@ def _ivf_top(q: np.ndarray, shard: Shard, k: int, probes: int) -> tuple[np.ndarr
 _TOP_DTYPE = lambda k: np.dtype([("val", np.float64, (k,)), ("idx", np.int64, (k,))])  # noqa: E731
 
 
-def _shard_block(q: np.ndarray, shard: Shard, k: int, method: str, probes: int) -> np.ndarray:
-    """One shard's top k of each query, as float64 similarities and global indices."""
+def _shard_block(q: np.ndarray, probed, shard: Shard, k: int, method: str) -> np.ndarray:
+    """One shard's top k of each query, as float64 similarities and global indices
+    (``probed``: the IVF lists of each query, from :func:`_probe_block`; None for exact)."""
     out = np.empty(q.shape[0], dtype=_TOP_DTYPE(k))
     out["val"], out["idx"] = -np.inf, -1
     if q.shape[0] == 0:
         return out
     kk = min(k, shard.stop - shard.start)
     if method == "ivf":
-        vals, ids = _ivf_top(q, shard, kk, probes)
+        vals, ids = _ivf_top(q, probed, shard, kk)
     else:
         vals, ids = _exact_top(q, shard, kk, offset=shard.start)
     out["val"][:, :kk], out["idx"][:, :kk] = vals, ids
@@ -559,8 +589,15 @@ def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: 
         raise ValueError(f"a sharded reference is searched with exact or ivf, not {method!r}")
     n_ref = max(s.stop for s in shards)
     kk = min(k, n_ref)
-    parts = [da.map_blocks(_shard_block, emb, s, kk, method, probes, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
-                           drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    if method == "ivf":  # the probed lists are global: chosen once per chunk, the same for every shard
+        n_probe = min(probes, int(shards[0].ivf()[0].shape[0]))
+        probed = da.map_blocks(_probe_block, emb, shards[0], probes, dtype=np.int32, chunks=(emb.chunks[0], (n_probe,)),
+                               meta=np.empty((0, 0), np.int32))
+        parts = [da.map_blocks(_shard_block, emb, probed, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    else:
+        parts = [da.map_blocks(_shard_block, emb, None, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
     return da.map_blocks(_merge_block_k(k), *parts, dtype=neighbor_dtype(k), chunks=(emb.chunks[0],),
                          meta=np.empty(0, dtype=neighbor_dtype(k)))
 
