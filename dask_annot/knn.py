@@ -377,11 +377,13 @@ def _assign(x: np.ndarray, cent: np.ndarray, block: int = 65_536) -> np.ndarray:
     return out
 
 
-def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | None, seed: int) -> tuple[dict, dict]:
+def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | None, seed: int,
+                  centroids: np.ndarray | None = None) -> tuple[dict, dict]:
     """Files of a sharded reference (name -> writer(path)) and the ``shards`` entry of its
     reference.json. Every shard holds its cells' unit embedding (float64, memory-mappable);
     with ``n_lists``, one global spherical k-means gives inverted lists, and each shard stores
-    its members of every list, so a search probes the same lists whatever the sharding."""
+    its members of every list, so a search probes the same lists whatever the sharding.
+    ``centroids``: lists of an existing reference (re-sharding it keeps its search)."""
     unit = unit_rows(embedding)
     n = unit.shape[0]
     shard_cells = max(1, int(shard_cells))
@@ -397,8 +399,8 @@ def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | Non
     for i, (lo, hi) in enumerate(bounds):
         files[shard_file("unit", i)] = saver(np.ascontiguousarray(unit[lo:hi]))
     meta = {"bounds": bounds, "shard_cells": shard_cells, "ivf": None}
-    if n_lists:
-        cent = spherical_kmeans(unit, n_lists, seed=seed)
+    if n_lists or centroids is not None:
+        cent = spherical_kmeans(unit, n_lists, seed=seed) if centroids is None else np.ascontiguousarray(centroids, np.float64)
         assign = _assign(unit, cent)
         files[IVF_CENTROIDS] = saver(cent)
         for i, (lo, hi) in enumerate(bounds):
