@@ -329,6 +329,12 @@ class Shard:
     def has_ivf(self) -> bool:
         return IVF_CENTROIDS in dict(self.checksums)
 
+    def by_list32(self) -> np.ndarray:
+        """This shard's unit embedding in list order, float32 (the IVF screen's operand)."""
+        name = shard_file("members", self.number)
+        key = ("shard-bylist32", self.path, name, dict(self.checksums)[name])
+        return refcache.cached(key, lambda: np.ascontiguousarray(np.asarray(self.embedding_unit)[np.asarray(self.ivf()[1])], dtype=np.float32))
+
     def ivf(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global list centroids (lists x PCs, unit, float64); this shard's members of each
         list (local indices, ascending within a list) and list offsets."""
@@ -471,37 +477,28 @@ def _probe_tile(q64, cent, probes):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _ivf_tile(q64, probed, ref64, members, offsets, k):  # pragma: no cover - compiled
-    """Per query: re-score the members of its probed lists exactly in float64 (fixed
-    order) and keep the top k by (similarity desc, index asc). Rows with fewer than k
-    candidates pad with -inf / -1."""
+def _rescore_tile(q64, ref64, cand, count, k):  # pragma: no cover - compiled
+    """Per query, its ``count[i]`` candidates ``cand[i]`` (reference rows) re-scored exactly in
+    float64 (fixed order), and the top k by (similarity desc, index asc): everything above
+    the k-th value, then the lowest indices among those equal to it. Rows with fewer than
+    k candidates pad with -inf / -1."""
     n, d = q64.shape
     out_val = np.full((n, k), -np.inf)
     out_idx = np.full((n, k), -1, np.int64)
-    probes = probed.shape[1]
     for i in range(n):
-        m = 0
-        for j in range(probes):
-            c = probed[i, j]
-            m += offsets[c + 1] - offsets[c]
-        vals = np.empty(m)
-        ids = np.empty(m, np.int64)
-        p = 0
-        for j in range(probes):
-            c = probed[i, j]
-            for u in range(offsets[c], offsets[c + 1]):
-                r = members[u]
-                s = 0.0
-                for t in range(d):
-                    s += q64[i, t] * ref64[r, t]
-                vals[p] = s
-                ids[p] = r
-                p += 1
+        m = count[i]
         if m == 0:
             continue
+        vals = np.empty(m)
+        ids = np.empty(m, np.int64)
+        for u in range(m):
+            r = cand[i, u]
+            s = 0.0
+            for t in range(d):
+                s += q64[i, t] * ref64[r, t]
+            vals[u] = s
+            ids[u] = r
         kk = min(k, m)
-        # the k largest by (value desc, index asc): everything above the k-th value, then
-        # the lowest indices among those equal to it; O(m) plus a sort of k
         kth = -np.partition(-vals, kk - 1)[kk - 1]
         sel_v = np.empty(kk)
         sel_i = np.empty(kk, np.int64)
@@ -543,13 +540,66 @@ def _probe_block(q: np.ndarray, shard: Shard, probes: int) -> np.ndarray:
     return _probe_tile(q64, cent, int(probes))
 
 
+_IVF_Q_TILE = 256
+
+
 def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact float64 top k among the members of each query's probed lists in this shard.
+
+    A float32 BLAS screen, list by list (the queries probing a list against its members,
+    stored contiguously in list order), keeps every candidate within twice the float32
+    error of the k-th best float32 similarity; those are re-scored in float64 in a fixed
+    order (:func:`_rescore_tile`). So the result is the float64 top k of the probed lists,
+    whatever the tiling, BLAS or thread count.
+    """
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
     _, members, offsets = shard.ivf()
-    vals, ids = _ivf_tile(q64, np.ascontiguousarray(probed), np.asarray(shard.embedding_unit), np.asarray(members),
-                          np.asarray(offsets), int(k))
-    ids = np.where(ids >= 0, ids + shard.start, -1)
-    return vals, ids
+    members, offsets = np.asarray(members), np.asarray(offsets)
+    ref64 = np.asarray(shard.embedding_unit)
+    ref32 = shard.by_list32()
+    sizes = np.diff(offsets)
+    n = q64.shape[0]
+    out_val = np.full((n, k), -np.inf)
+    out_idx = np.full((n, k), -1, np.int64)
+    for lo in range(0, n, _IVF_Q_TILE):
+        qs64 = q64[lo : lo + _IVF_Q_TILE]
+        qs32 = qs64.astype(np.float32)
+        pr = np.asarray(probed[lo : lo + _IVF_Q_TILE], dtype=np.int64)
+        nq = qs64.shape[0]
+        m = sizes[pr].sum(axis=1)
+        width = int(m.max()) if nq else 0
+        if width == 0:
+            continue
+        val32 = np.full((nq, width), -np.inf, np.float32)
+        pos = np.zeros((nq, width), np.int64)  # the candidate's row in list order
+        fill = np.zeros(nq, np.int64)
+        flat_l = pr.ravel()
+        flat_q = np.repeat(np.arange(nq), pr.shape[1])
+        order = np.argsort(flat_l, kind="stable")
+        fl, fq = flat_l[order], flat_q[order]
+        starts = np.flatnonzero(np.r_[True, fl[1:] != fl[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], fl.size]):
+            o0, o1 = offsets[fl[a]], offsets[fl[a] + 1]
+            if o1 == o0:
+                continue
+            qi = fq[a:b]
+            cols = fill[qi][:, None] + np.arange(o1 - o0)
+            val32[qi[:, None], cols] = qs32[qi] @ ref32[o0:o1].T
+            pos[qi[:, None], cols] = np.arange(o0, o1)
+            fill[qi] += o1 - o0
+        if width > k:
+            kth = -np.partition(-val32, k - 1, axis=1)[:, k - 1].astype(np.float64)
+        else:
+            kth = np.full(nq, -np.inf)
+        keep = (val32.astype(np.float64) >= (kth - 2 * _F32_DOT_ERROR)[:, None]) & (np.arange(width)[None, :] < m[:, None])
+        count = keep.sum(axis=1)
+        cand = np.zeros((nq, max(1, int(count.max()))), np.int64)
+        rows, cols = np.nonzero(keep)
+        slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
+        cand[rows, slot] = members[pos[rows, cols]]
+        vals, ids = _rescore_tile(qs64, ref64, cand, count, k)
+        out_val[lo : lo + nq], out_idx[lo : lo + nq] = vals, ids
+    return out_val, np.where(out_idx >= 0, out_idx + shard.start, -1)
 
 
 _TOP_DTYPE = lambda k: np.dtype([("val", np.float64, (k,)), ("idx", np.int64, (k,))])  # noqa: E731
