@@ -392,6 +392,32 @@ def build_marker_reference(table: str | os.PathLike, *, name: str, output: str |
     return _write_artifact(output, arrays, meta)
 
 
+def reshard_reference(source: str | os.PathLike, output: str | os.PathLike, *, shard_cells: int) -> Path:
+    """A copy of a built kNN reference split into shards of ``shard_cells`` cells; the same
+    arrays, labels and inverted lists (so annotate's outputs do not change), new shard files."""
+    from .reference import read_artifact
+
+    source, output = Path(source), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
+    if shard_cells < 1:
+        raise ConfigError(f"--shard-cells {shard_cells}: must be a positive number")
+    meta, arrays = read_artifact(source, kind="knn")
+    old = meta.get("shards") or {}
+    ivf = old.get("ivf")
+    cent = np.load(source / knn.IVF_CENTROIDS) if ivf else None
+    files, smeta = knn.shard_writers(arrays["embedding"], shard_cells=shard_cells, n_lists=None, seed=int(meta["knn"]["seed"]),
+                                     centroids=cent)
+    if ivf:
+        smeta["ivf"] = ivf
+    extra = dict(files)
+    for name in meta.get("checksums", {}):  # other files (a pynndescent index) are copied as they are
+        if name != "arrays.npz" and not name.startswith(knn.SHARD_DIR + "/"):
+            extra[name] = lambda path, name=name: shutil.copyfile(source / name, path)
+    keep = {k: v for k, v in meta.items() if k not in ("format", "format_version", "checksums", "shards")}
+    return _write_artifact(output, arrays, {**keep, "shards": smeta}, extra_files=extra)
+
+
 def _sha256_of(p: Path) -> str:
     return file_fingerprint(p)["sha256"]
 

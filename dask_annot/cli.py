@@ -88,6 +88,13 @@ def _cmd_build_reference(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reshard(a: argparse.Namespace) -> int:
+    from .build import reshard_reference
+
+    print(reshard_reference(a.reference, a.output, shard_cells=a.shard_cells))
+    return 0
+
+
 def _cmd_convert(a: argparse.Namespace) -> int:
     from . import store
 
@@ -237,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--ivf-lists", type=int, default=None, help="inverted lists of the ivf search (default: about 1 per 1,000 cells)")
     br.add_argument("--ivf-probes", type=int, default=None, help="lists probed per query cell by the ivf search (default 24)")
     br.set_defaults(func=_cmd_build_reference)
+
+    rs = sub.add_parser("reshard-reference", help="split a built reference into shards (same search, new shard files)")
+    rs.add_argument("--reference", required=True, help="a built kNN reference directory")
+    rs.add_argument("--output", required=True, help="new directory for the sharded copy")
+    rs.add_argument("--shard-cells", type=int, required=True, help="reference cells per shard")
+    rs.set_defaults(func=_cmd_reshard)
 
     cv = sub.add_parser("convert", help="convert a matrix into a reusable zarr store",
                         epilog="example: dask-annot convert --matrix filtered_feature_bc_matrix.h5 --output sample.zarr")

@@ -329,6 +329,12 @@ class Shard:
     def has_ivf(self) -> bool:
         return IVF_CENTROIDS in dict(self.checksums)
 
+    def by_list32(self) -> np.ndarray:
+        """This shard's unit embedding in list order, float32 (the IVF screen's operand)."""
+        name = shard_file("members", self.number)
+        key = ("shard-bylist32", self.path, name, dict(self.checksums)[name])
+        return refcache.cached(key, lambda: np.ascontiguousarray(np.asarray(self.embedding_unit)[np.asarray(self.ivf()[1])], dtype=np.float32))
+
     def ivf(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global list centroids (lists x PCs, unit, float64); this shard's members of each
         list (local indices, ascending within a list) and list offsets."""
@@ -377,11 +383,13 @@ def _assign(x: np.ndarray, cent: np.ndarray, block: int = 65_536) -> np.ndarray:
     return out
 
 
-def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | None, seed: int) -> tuple[dict, dict]:
+def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | None, seed: int,
+                  centroids: np.ndarray | None = None) -> tuple[dict, dict]:
     """Files of a sharded reference (name -> writer(path)) and the ``shards`` entry of its
     reference.json. Every shard holds its cells' unit embedding (float64, memory-mappable);
     with ``n_lists``, one global spherical k-means gives inverted lists, and each shard stores
-    its members of every list, so a search probes the same lists whatever the sharding."""
+    its members of every list, so a search probes the same lists whatever the sharding.
+    ``centroids``: lists of an existing reference (re-sharding it keeps its search)."""
     unit = unit_rows(embedding)
     n = unit.shape[0]
     shard_cells = max(1, int(shard_cells))
@@ -397,8 +405,8 @@ def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | Non
     for i, (lo, hi) in enumerate(bounds):
         files[shard_file("unit", i)] = saver(np.ascontiguousarray(unit[lo:hi]))
     meta = {"bounds": bounds, "shard_cells": shard_cells, "ivf": None}
-    if n_lists:
-        cent = spherical_kmeans(unit, n_lists, seed=seed)
+    if n_lists or centroids is not None:
+        cent = spherical_kmeans(unit, n_lists, seed=seed) if centroids is None else np.ascontiguousarray(centroids, np.float64)
         assign = _assign(unit, cent)
         files[IVF_CENTROIDS] = saver(cent)
         for i, (lo, hi) in enumerate(bounds):
@@ -448,14 +456,13 @@ def default_lists(n_cells: int) -> int:
 
 
 @numba.njit(nogil=True, cache=True)
-def _ivf_tile(q64, cent, ref64, members, offsets, probes, k):  # pragma: no cover - compiled
-    """Per query: probe the ``probes`` most similar lists (float64 dots, ties by list
-    index), re-score their members exactly in float64 (fixed order) and keep the top k
-    by (similarity desc, index asc). Rows with fewer than k candidates pad with -inf / -1."""
+def _probe_tile(q64, cent, probes):  # pragma: no cover - compiled
+    """Per query, the ``probes`` lists with the most similar centroids (float64 dots in a
+    fixed order, ties by list index)."""
     n, d = q64.shape
     n_lists = cent.shape[0]
-    out_val = np.full((n, k), -np.inf)
-    out_idx = np.full((n, k), -1, np.int64)
+    probes = min(probes, n_lists)
+    out = np.empty((n, probes), np.int32)
     cd = np.empty(n_lists)
     for i in range(n):
         for c in range(n_lists):
@@ -464,75 +471,150 @@ def _ivf_tile(q64, cent, ref64, members, offsets, probes, k):  # pragma: no cove
                 s += q64[i, t] * cent[c, t]
             cd[c] = -s
         order = np.argsort(cd, kind="mergesort")
-        m = 0
-        for j in range(min(probes, n_lists)):
-            c = order[j]
-            m += offsets[c + 1] - offsets[c]
-        vals = np.empty(m)
-        ids = np.empty(m, np.int64)
-        p = 0
-        for j in range(min(probes, n_lists)):
-            c = order[j]
-            for u in range(offsets[c], offsets[c + 1]):
-                r = members[u]
-                s = 0.0
-                for t in range(d):
-                    s += q64[i, t] * ref64[r, t]
-                vals[p] = s
-                ids[p] = r
-                p += 1
+        for j in range(probes):
+            out[i, j] = order[j]
+    return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _rescore_tile(q64, ref64, cand, count, k):  # pragma: no cover - compiled
+    """Per query, its ``count[i]`` candidates ``cand[i]`` (reference rows) re-scored exactly in
+    float64 (fixed order), and the top k by (similarity desc, index asc): everything above
+    the k-th value, then the lowest indices among those equal to it. Rows with fewer than
+    k candidates pad with -inf / -1."""
+    n, d = q64.shape
+    out_val = np.full((n, k), -np.inf)
+    out_idx = np.full((n, k), -1, np.int64)
+    for i in range(n):
+        m = count[i]
         if m == 0:
             continue
-        # sort by (value desc, index asc): negate, then a stable sort of the index-sorted candidates
-        by_id = np.argsort(ids, kind="mergesort")
-        vals = vals[by_id]
-        ids = ids[by_id]
-        if m > k:
-            kth = -np.partition(-vals, k - 1)[k - 1]
-            keep = np.empty(m, np.bool_)
-            above = 0
-            for u in range(m):
-                above += vals[u] > kth
-            need = k - above
-            for u in range(m):
-                if vals[u] > kth:
-                    keep[u] = True
-                elif vals[u] == kth and need > 0:
-                    keep[u] = True
-                    need -= 1
-                else:
-                    keep[u] = False
-            vals = vals[keep]
-            ids = ids[keep]
-        o = np.argsort(-vals, kind="mergesort")
-        kk = min(k, vals.shape[0])
+        vals = np.empty(m)
+        ids = np.empty(m, np.int64)
+        for u in range(m):
+            r = cand[i, u]
+            s = 0.0
+            for t in range(d):
+                s += q64[i, t] * ref64[r, t]
+            vals[u] = s
+            ids[u] = r
+        kk = min(k, m)
+        kth = -np.partition(-vals, kk - 1)[kk - 1]
+        sel_v = np.empty(kk)
+        sel_i = np.empty(kk, np.int64)
+        n_sel = 0
+        n_tie = 0
+        for u in range(m):
+            if vals[u] > kth:
+                sel_v[n_sel] = vals[u]
+                sel_i[n_sel] = ids[u]
+                n_sel += 1
+            elif vals[u] == kth:
+                n_tie += 1
+        tied = np.empty(n_tie, np.int64)
+        n_tie = 0
+        for u in range(m):
+            if vals[u] == kth:
+                tied[n_tie] = ids[u]
+                n_tie += 1
+        tied.sort()
+        for u in range(kk - n_sel):
+            sel_v[n_sel + u] = kth
+            sel_i[n_sel + u] = tied[u]
+        by_id = np.argsort(sel_i, kind="mergesort")
+        sel_v = sel_v[by_id]
+        sel_i = sel_i[by_id]
+        o = np.argsort(-sel_v, kind="mergesort")
         for u in range(kk):
-            out_val[i, u] = vals[o[u]]
-            out_idx[i, u] = ids[o[u]]
+            out_val[i, u] = sel_v[o[u]]
+            out_idx[i, u] = sel_i[o[u]]
     return out_val, out_idx
 
 
-def _ivf_top(q: np.ndarray, shard: Shard, k: int, probes: int) -> tuple[np.ndarray, np.ndarray]:
+def _probe_block(q: np.ndarray, shard: Shard, probes: int) -> np.ndarray:
+    """The lists each query probes (int32, queries x probes), once per chunk for all shards."""
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
-    cent, members, offsets = shard.ivf()
-    vals, ids = _ivf_tile(q64, np.asarray(cent), np.asarray(shard.embedding_unit), np.asarray(members),
-                          np.asarray(offsets), int(probes), int(k))
-    ids = np.where(ids >= 0, ids + shard.start, -1)
-    return vals, ids
+    cent = np.asarray(shard.ivf()[0])
+    if q64.shape[0] == 0:
+        return np.empty((0, min(probes, cent.shape[0])), np.int32)
+    return _probe_tile(q64, cent, int(probes))
+
+
+_IVF_Q_TILE = 256
+
+
+def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact float64 top k among the members of each query's probed lists in this shard.
+
+    A float32 BLAS screen, list by list (the queries probing a list against its members,
+    stored contiguously in list order), keeps every candidate within twice the float32
+    error of the k-th best float32 similarity; those are re-scored in float64 in a fixed
+    order (:func:`_rescore_tile`). So the result is the float64 top k of the probed lists,
+    whatever the tiling, BLAS or thread count.
+    """
+    q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
+    _, members, offsets = shard.ivf()
+    members, offsets = np.asarray(members), np.asarray(offsets)
+    ref64 = np.asarray(shard.embedding_unit)
+    ref32 = shard.by_list32()
+    sizes = np.diff(offsets)
+    n = q64.shape[0]
+    out_val = np.full((n, k), -np.inf)
+    out_idx = np.full((n, k), -1, np.int64)
+    for lo in range(0, n, _IVF_Q_TILE):
+        qs64 = q64[lo : lo + _IVF_Q_TILE]
+        qs32 = qs64.astype(np.float32)
+        pr = np.asarray(probed[lo : lo + _IVF_Q_TILE], dtype=np.int64)
+        nq = qs64.shape[0]
+        m = sizes[pr].sum(axis=1)
+        width = int(m.max()) if nq else 0
+        if width == 0:
+            continue
+        val32 = np.full((nq, width), -np.inf, np.float32)
+        pos = np.zeros((nq, width), np.int64)  # the candidate's row in list order
+        fill = np.zeros(nq, np.int64)
+        flat_l = pr.ravel()
+        flat_q = np.repeat(np.arange(nq), pr.shape[1])
+        order = np.argsort(flat_l, kind="stable")
+        fl, fq = flat_l[order], flat_q[order]
+        starts = np.flatnonzero(np.r_[True, fl[1:] != fl[:-1]])
+        for a, b in zip(starts, np.r_[starts[1:], fl.size]):
+            o0, o1 = offsets[fl[a]], offsets[fl[a] + 1]
+            if o1 == o0:
+                continue
+            qi = fq[a:b]
+            cols = fill[qi][:, None] + np.arange(o1 - o0)
+            val32[qi[:, None], cols] = qs32[qi] @ ref32[o0:o1].T
+            pos[qi[:, None], cols] = np.arange(o0, o1)
+            fill[qi] += o1 - o0
+        if width > k:
+            kth = -np.partition(-val32, k - 1, axis=1)[:, k - 1].astype(np.float64)
+        else:
+            kth = np.full(nq, -np.inf)
+        keep = (val32.astype(np.float64) >= (kth - 2 * _F32_DOT_ERROR)[:, None]) & (np.arange(width)[None, :] < m[:, None])
+        count = keep.sum(axis=1)
+        cand = np.zeros((nq, max(1, int(count.max()))), np.int64)
+        rows, cols = np.nonzero(keep)
+        slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
+        cand[rows, slot] = members[pos[rows, cols]]
+        vals, ids = _rescore_tile(qs64, ref64, cand, count, k)
+        out_val[lo : lo + nq], out_idx[lo : lo + nq] = vals, ids
+    return out_val, np.where(out_idx >= 0, out_idx + shard.start, -1)
 
 
 _TOP_DTYPE = lambda k: np.dtype([("val", np.float64, (k,)), ("idx", np.int64, (k,))])  # noqa: E731
 
 
-def _shard_block(q: np.ndarray, shard: Shard, k: int, method: str, probes: int) -> np.ndarray:
-    """One shard's top k of each query, as float64 similarities and global indices."""
+def _shard_block(q: np.ndarray, probed, shard: Shard, k: int, method: str) -> np.ndarray:
+    """One shard's top k of each query, as float64 similarities and global indices
+    (``probed``: the IVF lists of each query, from :func:`_probe_block`; None for exact)."""
     out = np.empty(q.shape[0], dtype=_TOP_DTYPE(k))
     out["val"], out["idx"] = -np.inf, -1
     if q.shape[0] == 0:
         return out
     kk = min(k, shard.stop - shard.start)
     if method == "ivf":
-        vals, ids = _ivf_top(q, shard, kk, probes)
+        vals, ids = _ivf_top(q, probed, shard, kk)
     else:
         vals, ids = _exact_top(q, shard, kk, offset=shard.start)
     out["val"][:, :kk], out["idx"][:, :kk] = vals, ids
@@ -559,8 +641,15 @@ def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: 
         raise ValueError(f"a sharded reference is searched with exact or ivf, not {method!r}")
     n_ref = max(s.stop for s in shards)
     kk = min(k, n_ref)
-    parts = [da.map_blocks(_shard_block, emb, s, kk, method, probes, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
-                           drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    if method == "ivf":  # the probed lists are global: chosen once per chunk, the same for every shard
+        n_probe = min(probes, int(shards[0].ivf()[0].shape[0]))
+        probed = da.map_blocks(_probe_block, emb, shards[0], probes, dtype=np.int32, chunks=(emb.chunks[0], (n_probe,)),
+                               meta=np.empty((0, 0), np.int32))
+        parts = [da.map_blocks(_shard_block, emb, probed, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    else:
+        parts = [da.map_blocks(_shard_block, emb, None, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
     return da.map_blocks(_merge_block_k(k), *parts, dtype=neighbor_dtype(k), chunks=(emb.chunks[0],),
                          meta=np.empty(0, dtype=neighbor_dtype(k)))
 

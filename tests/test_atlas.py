@@ -152,10 +152,15 @@ def test_ivf_probing_every_list_is_the_exact_search_and_fewer_lists_keep_recall(
     few = knn.sharded_neighbors(emb, model.shards, k=21, method="ivf", probes=4).compute(scheduler="threads")
     recall = np.mean([len(set(a) & set(b)) / 21 for a, b in zip(few["idx"], exact["idx"])])
     assert 0.9 < recall < 1.0  # approximate, but close
-    # independent of the shard count: the lists are global
+    # independent of the shard count: the lists are global (the same build in one shard, and re-sharded in 3)
     one = _build(references["ivf"].parent / "ivf1", "--shard-cells", "5000", "--ivf-lists", "12")
     few1 = knn.sharded_neighbors(emb, load_reference(one).shards, k=21, method="ivf", probes=4).compute(scheduler="threads")
     assert (few1 == few).all()
+    assert main(["reshard-reference", "--reference", str(one), "--output", str(one.parent / "ivf3"), "--shard-cells", "800"]) == 0
+    three = load_reference(one.parent / "ivf3")
+    assert len(three.shards) == 3 and three.has_ivf and three.meta["shards"]["ivf"] == load_reference(one).meta["shards"]["ivf"]
+    few3 = knn.sharded_neighbors(emb, three.shards, k=21, method="ivf", probes=4).compute(scheduler="threads")
+    assert (few3 == few).all()
 
 
 def test_ivf_on_a_reference_without_lists_is_a_clear_error(references, tmp_path):
