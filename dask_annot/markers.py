@@ -498,10 +498,15 @@ def dot_plot_table(model: MarkerModel, plan: GenePlan, calls: np.ndarray, stats:
     return out
 
 
-def lazy_marker_stats(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, calls: np.ndarray, *, chunk_cells: int) -> list:
+STATS_BLOCK_CELLS = 16_384  # fixed, so the float sums (and their digits) never depend on --chunk-cells
+
+
+def lazy_marker_stats(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, calls: np.ndarray) -> list:
+    """Lazy per-block dot-plot sums over blocks of :data:`STATS_BLOCK_CELLS` cells (summed in
+    block order by :func:`dot_plot_table`)."""
     umi = np.asarray(st.umi_count)
     codes = np.where(calls["depth"] > DEPTH_NONE, calls["code"], len(model.labels)).astype(np.int64)
-    bounds = np.cumsum((0,) + store.cell_chunks(st.n_cells, chunk_cells))
+    bounds = np.cumsum((0,) + store.cell_chunks(st.n_cells, STATS_BLOCK_CELLS))
     return [dask.delayed(_stats_drop_unassigned, pure=True)(st.path, a, b, st.n_features, plan.query_cols, umi[a:b], codes[a:b], len(model.labels))
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 

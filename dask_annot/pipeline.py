@@ -492,7 +492,7 @@ def _run_markers(plan: MarkerPlan, st: store.StoreInfo, fp: dict, *, root: Path,
         calls, scoring = markers.annotate_scores(raw, graph_value, mdl, plan.genes)
     del raw
     with timer.stage("marker_stats"):
-        (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls, chunk_cells=settings.chunk_cells))
+        (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls))
     record = {
         "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
                       "cells": 0, "cell_types": len(mdl.labels), "genes": int(mdl.genes.size), "organs": mdl.organs,

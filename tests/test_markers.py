@@ -51,11 +51,12 @@ def test_pan_human_calls_pbmc4k_lineages(pbmc4k_run):
     assert b_types and any(m["fraction_expressing"] > 0.5 for m in b_types[0]["markers"])
 
 
-def test_marker_run_does_not_depend_on_chunks(pbmc4k_run, tmp_path):
+def test_marker_run_does_not_depend_on_chunks_or_workers(pbmc4k_run, tmp_path):
     _, res = pbmc4k_run
     other = pipeline.run("pbmc4k", shared_path(*PBMC4K), models=["pan_human_v1"], output_dir=tmp_path,
-                         settings=resolve(chunk_cells=333), log=lambda m: None)[0]
+                         settings=resolve(chunk_cells=333, scheduler="threads", n_workers=1), log=lambda m: None)[0]
     assert (other.model_dir / "cell_types.csv").read_bytes() == (res.model_dir / "cell_types.csv").read_bytes()
+    assert other.record["marker_expression"] == res.record["marker_expression"]
 
 
 def _model_and_plan():
