@@ -354,18 +354,24 @@ def _concat_scores(parts: list, n_types: int) -> np.ndarray:
     return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types))
 
 
-def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None, block: int = 4096) -> np.ndarray:
+def _pool_matrix(nbr: np.ndarray) -> sp.csr_matrix:
+    """The row-stochastic "mean of the cell and its neighbours" matrix (``nbr``: cells x k, -1 = none)."""
+    n, k = nbr.shape
+    valid = nbr >= 0
+    rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), k)[valid.ravel()]])
+    cols = np.concatenate([np.arange(n), nbr.ravel()[valid.ravel()]])
+    m = 1.0 + valid.sum(axis=1)
+    return sp.csr_matrix((1.0 / m[rows], (rows, cols)), shape=(n, n))
+
+
+def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None, block: int = 16_384) -> np.ndarray:
     """Per cell, ``sqrt(sum_j w_ij^2)`` of the pooling weights (the rows of ``P^rounds``, ``P``
     the row-stochastic "self and neighbours" matrix): the standard deviation of a pooled score
     when the raw scores are independent with unit variance, so ``pooled / norm`` is a z-score."""
     rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or n == 0:
         return np.ones(n)
-    valid = nbr >= 0
-    rows = np.repeat(np.arange(n), 1 + valid.sum(axis=1))
-    cols = np.concatenate([np.concatenate([[i], nbr[i][valid[i]]]) for i in range(n)]) if n else np.zeros(0, np.int64)
-    m = 1.0 + valid.sum(axis=1)
-    P = sp.csr_matrix((1.0 / m[rows], (rows, cols)), shape=(n, n))
+    P = _pool_matrix(nbr)
     out = np.empty(n)
     for a in range(0, n, block):
         W = P[a:min(a + block, n)]
@@ -375,26 +381,17 @@ def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None,
     return out
 
 
-def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None, block: int = 4096) -> np.ndarray:
+def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None) -> np.ndarray:
     """Mean of each cell's scores with its neighbours' (``nbr``: cells x k, -1 = none), ``rounds``
-    (default :data:`POOL_ROUNDS`) times."""
+    (default :data:`POOL_ROUNDS`) times, as sparse products: each row sums its own entries in a
+    fixed order, so the result does not depend on chunking or workers."""
     rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or scores.shape[0] == 0:
         return scores
-    valid = nbr >= 0
-    safe = np.where(valid, nbr, 0)
-    m = 1.0 + valid.sum(axis=1)
-    s = scores
+    P = _pool_matrix(nbr)
+    s = np.ascontiguousarray(scores, dtype=np.float64)
     for _ in range(rounds):
-        out = np.empty_like(s)
-        for a in range(0, s.shape[0], block):
-            b = min(a + block, s.shape[0])
-            gathered = s[safe[a:b]] * valid[a:b, :, None]
-            acc = s[a:b].copy()
-            for j in range(gathered.shape[1]):  # fixed order: same digits whatever the block
-                acc += gathered[:, j]
-            out[a:b] = acc / m[a:b, None]
-        s = out
+        s = P @ s
     return s
 
 
