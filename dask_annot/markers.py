@@ -329,11 +329,11 @@ def residuals(x: sp.csr_matrix, umi: np.ndarray, rates: np.ndarray) -> np.ndarra
 
 def block_scores(path: str, start: int, stop: int, n_features: int, cols: np.ndarray, umi: np.ndarray,
                  rates: np.ndarray, weights: sp.csr_matrix) -> np.ndarray:
-    """Stouffer score of every type for cells ``start:stop`` (cells x types, float64). The
+    """Stouffer score of every type for cells ``start:stop`` (cells x types, float32). The
     sparse-times-dense product sums each cell's genes in a fixed order: per-cell results."""
     x = store.read_block(path, start, stop, n_features)[:, cols]
     z = residuals(x, umi, rates)
-    return np.ascontiguousarray((weights @ z.T).T)
+    return np.ascontiguousarray((weights @ z.T).T, dtype=np.float32)  # float32: cells x types is the run's largest array
 
 
 def lazy_scores(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, *, chunk_cells: int):
@@ -351,7 +351,7 @@ def lazy_scores(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, *, chun
 
 
 def _concat_scores(parts: list, n_types: int) -> np.ndarray:
-    return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types))
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types), np.float32)
 
 
 def _pool_matrix(nbr: np.ndarray) -> sp.csr_matrix:
@@ -388,8 +388,8 @@ def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None) 
     rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or scores.shape[0] == 0:
         return scores
-    P = _pool_matrix(nbr)
-    s = np.ascontiguousarray(scores, dtype=np.float64)
+    P = _pool_matrix(nbr).astype(scores.dtype)
+    s = np.ascontiguousarray(scores)
     for _ in range(rounds):
         s = P @ s
     return s
@@ -454,7 +454,8 @@ def annotate_scores(raw_scores: np.ndarray, graph: dict | None, model: MarkerMod
     """Pool the raw type scores over the query graph (when there is one), as z-scores; types
     the query cannot judge (too few of their markers measured) are left out; walk the hierarchy."""
     nbr = graph.get("nbr") if graph else None
-    pooled = pool(raw_scores, nbr) / pool_weights_norm(nbr, raw_scores.shape[0])[:, None]
+    pooled = pool(raw_scores, nbr)
+    pooled /= pool_weights_norm(nbr, raw_scores.shape[0]).astype(pooled.dtype)[:, None]
     pooled[:, ~plan.scorable] = -np.inf
     calls = walk(pooled, model)
     rec = {**parameters(), "pooled": nbr is not None and POOL_ROUNDS > 0, "graph": (graph or {}).get("how")}
