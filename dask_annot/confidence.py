@@ -285,6 +285,11 @@ def fit(blocks: Callable[[], Iterable[sp.csr_matrix]], *, label_codes: np.ndarra
         },
         "calibration": _calibrate(np.asarray(embedding, dtype=np.float64), label_codes, levels, np.asarray(dataset_codes), n_datasets, seed),
     }
+    # canonical CSR (sorted column indices, no explicit zeros): the bytes must not depend on how the
+    # input's sparse blocks were laid out (CSR h5ad, CSC h5ad, a SOMA store give the same reference)
+    counts = sp.csr_matrix(counts)
+    counts.eliminate_zeros()
+    counts.sort_indices()
     arrays = {"conf_genes": cand_idx.astype(np.int64), "conf_foreign": foreign[cand_idx], "conf_ref_indptr": counts.indptr.astype(np.int64),
               "conf_ref_indices": counts.indices.astype(np.int32), "conf_ref_data": counts.data.astype(np.float32),
               "conf_ref_depth": depth.astype(np.float64), "conf_ref_graph": graph.astype(np.int32)}
