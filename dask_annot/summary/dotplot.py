@@ -70,10 +70,10 @@ def dot_plot(entries: list[dict], *, max_types: int = MAX_DOT_TYPES, max_genes: 
         if not markers:
             dots.append(f'<text x="{label_w + 8}" y="{cy + 4}" class="stat">no positive marker gene of this type is in the matrix</text>')
         parts.append(
-            f'<g class="dotrow" data-type="{esc(name)}"><title>{esc(name)}: {fmt_int(cells)} cells</title>'
+            f'<g class="dotrow" data-type="{esc(name)}"><title>{esc(name)}: {fmt_int(cells)} cell{"" if cells == 1 else "s"}</title>'
             f'<line x1="{label_w}" x2="{width - 10}" y1="{y0 + row_h}" y2="{y0 + row_h}" class="base"/>'
             f'<text x="{label_w - 10}" y="{cy - 2}" text-anchor="end" class="lab">{esc(label)}</text>'
-            f'<text x="{label_w - 10}" y="{cy + 12}" text-anchor="end" class="stat">{fmt_int(cells)} cells</text>'
+            f'<text x="{label_w - 10}" y="{cy + 12}" text-anchor="end" class="stat">{fmt_int(cells)} cell{"" if cells == 1 else "s"}</text>'
             f'{"".join(dots)}</g>'
         )
     height = head + row_h * len(rows) + 8
