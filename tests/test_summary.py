@@ -484,7 +484,7 @@ def test_marker_page_has_the_dot_plot_of_every_assigned_type(marker_run):
     mono = next(e for e in entries if e["cell_type"] == "monocyte")
     assert {m["gene"] for m in mono["markers"] if m["fraction_expressing"] > 0.9} >= {"LYZ", "S100A8", "S100A9"}
     # no kNN wording: no reference cells, PCs, PCA embedding or neighbour vote
-    for needle in ("reference cells", " PCs", "PC1", "PCA", "Vote support", "neighbours carry", 'id="embedding"'):
+    for needle in ("reference cells", " PCs", "PC1", "PCA", "Vote support", "vote support", "neighbours carry", 'id="embedding"'):
         assert needle not in text, needle
     # an honest header: the model, its types, organs and marker genes measured
     n_types, organs = rec["reference"]["cell_types"], rec["reference"]["organs"]
@@ -516,6 +516,10 @@ def test_dot_plot_is_capped_ordered_and_escaped():
     counts = [int(c.replace(",", "")) for c in re.findall(r'class="stat">([0-9,]+) cells?</text>', text.split('<svg class="dotplot"')[1])]
     assert counts == sorted(counts, reverse=True) and counts[0] == max(e["cells"] for e in record["marker_expression"])
     assert len(text) < 400_000
+    assert summary.render_web_summary(record=record, cell_types=df, de=de) == text
+    # nothing assigned: the section says so instead of drawing an empty plot
+    empty = summary.render_web_summary(record=dict(record, marker_expression=[]), cell_types=df, de=de)
+    assert 'id="dotplot"' in empty and "No cell was assigned" in empty and '<svg class="dotplot"' not in empty
     # a kNN record of the same cells keeps its sections and has no dot plot
     del record["marker_expression"]
     record["reference"] = {"name": "atlas_v1", "version": "1", "species": "human", "cells": 10_000, "genes": 2000, "pcs": 30}
