@@ -468,6 +468,7 @@ def test_marker_page_has_the_dot_plot_of_every_assigned_type(marker_run):
     ids = re.findall(r'<section id="([a-z_]+)">', text)
     assert ids == ["overview", "composition", "confidence", "dotplot", "markers", "quality", "run"]
     assert "<h2>Marker genes of each call</h2>" in text and '<svg class="dotplot"' in text
+    assert f"at most the {dotplot.MAX_DOT_TYPES} largest are drawn (all {len(entries)} assigned types are shown)" in text
     # one row per assigned type, largest first, each with a dot per recorded marker gene
     drawn = [unescape(m.group(1)) for m in re.finditer(r'<g class="dotrow" data-type="([^"]*)">', text)]
     want = sorted(entries, key=lambda e: (-e["cells"], e["cell_type"]))
@@ -511,7 +512,7 @@ def test_dot_plot_is_capped_ordered_and_escaped():
         for i, c in enumerate(rng.integers(1, 1000, 400))]
     text = summary.render_web_summary(record=record, cell_types=df, de=de)
     assert text.count('<g class="dotrow"') == dotplot.MAX_DOT_TYPES
-    assert f"the {dotplot.MAX_DOT_TYPES} largest of the 400 assigned types are drawn" in text
+    assert f"here the {dotplot.MAX_DOT_TYPES} largest of the 400 assigned types" in text
     assert "<b>&amp;" not in text and "<x>" not in text and " &lt;b&gt;&amp;amp;" in text and "_0&lt;x&gt;" in text
     counts = [int(c.replace(",", "")) for c in re.findall(r'class="stat">([0-9,]+) cells?</text>', text.split('<svg class="dotplot"')[1])]
     assert counts == sorted(counts, reverse=True) and counts[0] == max(e["cells"] for e in record["marker_expression"])
