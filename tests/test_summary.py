@@ -12,6 +12,7 @@ import base64
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -435,4 +436,110 @@ def test_every_registered_section_has_its_template_and_optional_ones_drop_out():
     df, record, emb, de = _synthetic(300)
     text = summary.render_web_summary(record=record, cell_types=df, embedding2d=emb, de=de)
     assert 'id="tissue"' not in text and 'href="#tissue"' not in text  # no positions: no tissue map
-    assert text.count("<section id=") == len(ids) - 1
+    assert 'id="dotplot"' not in text  # a kNN model: no marker dot plot
+    assert text.count("<section id=") == len(ids) - 2
+
+
+# ----------------------------------------------------------------------------- a marker model's page
+
+
+@pytest.fixture(scope="module")
+def marker_run(tmp_path_factory):
+    """The bundled example annotated for real with the built-in marker model, through the CLI."""
+    from dask_annot.cli import main
+
+    out = tmp_path_factory.mktemp("markers")
+    code = main(["annotate", "--id", "x", "--matrix", "example", "--cell-annotation-model", "pan_human_v1",
+                 "--output-dir", str(out), "--quiet"])
+    assert code in (0, None)
+    mdir = out / "x" / "outs" / "segmented_outs" / "cell_types" / "pan_human_v1"
+    return json.loads((mdir / "run.json").read_text()), mdir / "web_summary.html"
+
+
+def test_marker_page_has_the_dot_plot_of_every_assigned_type(marker_run):
+    from html import unescape
+
+    from dask_annot.summary import dotplot
+
+    rec, page = marker_run
+    text = page.read_text()
+    entries = rec["marker_expression"]
+    assert rec["reference"]["kind"] == "markers" and entries
+    ids = re.findall(r'<section id="([a-z_]+)">', text)
+    assert ids == ["overview", "composition", "confidence", "dotplot", "markers", "quality", "run"]
+    assert "<h2>Marker genes of each call</h2>" in text and '<svg class="dotplot"' in text
+    assert f"at most the {dotplot.MAX_DOT_TYPES} largest are drawn (all {len(entries)} assigned types are shown)" in text
+    # one row per assigned type, largest first, each with a dot per recorded marker gene
+    drawn = [unescape(m.group(1)) for m in re.finditer(r'<g class="dotrow" data-type="([^"]*)">', text)]
+    want = sorted(entries, key=lambda e: (-e["cells"], e["cell_type"]))
+    assert drawn and drawn == [e["cell_type"] for e in want][: dotplot.MAX_DOT_TYPES]
+    for e in want[: dotplot.MAX_DOT_TYPES]:
+        block = text.split(f'<g class="dotrow" data-type="{summary.esc(e["cell_type"])}">', 1)[1].split('<g class="dotrow"', 1)[0]
+        genes = [unescape(g) for g in re.findall(r'<g class="dot" data-gene="([^"]*)">', block)]
+        assert genes == [m["gene"] for m in e["markers"]][: dotplot.MAX_DOT_GENES]
+        # dot area follows the fraction expressing
+        radii = [float(r) for r in re.findall(r'<circle [^>]*r="([0-9.]+)"', block)]
+        for m, r in zip(e["markers"], radii):
+            assert r == pytest.approx(max(15 * m["fraction_expressing"] ** 0.5, 0.8), abs=0.01)
+    # the expected markers of the biggest call are expressed by most of its cells
+    mono = next(e for e in entries if e["cell_type"] == "monocyte")
+    assert {m["gene"] for m in mono["markers"] if m["fraction_expressing"] > 0.9} >= {"LYZ", "S100A8", "S100A9"}
+    # no kNN wording: no reference cells, PCs, PCA embedding or neighbour vote
+    for needle in ("reference cells", " PCs", "PC1", "PCA", "Vote support", "vote support", "neighbours carry", 'id="embedding"'):
+        assert needle not in text, needle
+    # an honest header: the model, its types, organs and marker genes measured
+    n_types, organs = rec["reference"]["cell_types"], rec["reference"]["organs"]
+    ov = rec["gene_overlap"]
+    assert f"marker model <b>pan_human_v1</b>" in text and f"{n_types} cell types from {len(organs)} organs" in text
+    assert f"{ov['shared_genes']:,} of its {ov['model_genes']:,} marker genes are measured" in text
+    for needle in ("http://", "https://", "<link", "src="):
+        assert needle not in text
+
+
+def test_dot_plot_is_capped_ordered_and_escaped():
+    """400 assigned types: the page draws the 40 largest and says so; names are escaped."""
+    from dask_annot.summary import dotplot
+
+    rng = np.random.default_rng(0)
+    df, record, _, de = _synthetic(2000, layout="hierarchical")
+    record["reference"] = {"name": "many_v1", "kind": "markers", "version": "1", "species": "human", "cells": 0,
+                           "cell_types": 400, "genes": 3000, "organs": ["lung", "liver"]}
+    record["gene_overlap"] = {"model_genes": 3000, "shared_genes": 2500, "matched_by": "symbol", "cell_types": 400}
+    record["marker_expression"] = [
+        {"cell_type": f"type {i} <b>&amp;", "cells": int(c),
+         "markers": [{"gene": f"G{i}_{j}<x>", "fraction_expressing": float(f), "mean_log_cp10k": float(v)}
+                     for j, (f, v) in enumerate(zip(rng.random(8), rng.random(8) * 4))]}
+        for i, c in enumerate(rng.integers(1, 1000, 400))]
+    text = summary.render_web_summary(record=record, cell_types=df, de=de)
+    assert text.count('<g class="dotrow"') == dotplot.MAX_DOT_TYPES
+    assert f"here the {dotplot.MAX_DOT_TYPES} largest of the 400 assigned types" in text
+    assert "<b>&amp;" not in text and "<x>" not in text and " &lt;b&gt;&amp;amp;" in text and "_0&lt;x&gt;" in text
+    counts = [int(c.replace(",", "")) for c in re.findall(r'class="stat">([0-9,]+) cells?</text>', text.split('<svg class="dotplot"')[1])]
+    assert counts == sorted(counts, reverse=True) and counts[0] == max(e["cells"] for e in record["marker_expression"])
+    assert len(text) < 400_000
+    assert summary.render_web_summary(record=record, cell_types=df, de=de) == text
+    # nothing assigned: the section says so instead of drawing an empty plot
+    empty = summary.render_web_summary(record=dict(record, marker_expression=[]), cell_types=df, de=de)
+    assert 'id="dotplot"' in empty and "No cell was assigned" in empty and '<svg class="dotplot"' not in empty
+    # a kNN record of the same cells keeps its sections and has no dot plot
+    del record["marker_expression"]
+    record["reference"] = {"name": "atlas_v1", "version": "1", "species": "human", "cells": 10_000, "genes": 2000, "pcs": 30}
+    knn = summary.render_web_summary(record=record, cell_types=df, de=de)
+    assert 'id="dotplot"' not in knn and "reference cells" in knn
+
+
+@pytest.mark.browser
+def test_marker_page_renders_in_chromium(browser, marker_run, tmp_path):
+    rec, page = marker_run
+    browser.open(page)
+    assert browser.problems() == []
+    assert browser.eval("document.querySelectorAll('main > section').length") == 7
+    n = min(len(rec["marker_expression"]), 40)
+    assert browser.eval("document.querySelectorAll('#dotplot g.dotrow').length") == n
+    # the dot plot is laid out at a readable size, its dots drawn
+    assert browser.eval("document.querySelector('#dotplot svg.dotplot').getBoundingClientRect().width") > 600
+    assert browser.eval("[...document.querySelectorAll('#dotplot circle')].every(c => c.getBBox().width > 0)") is True
+    assert browser.problems() == []
+    shot = browser.screenshot(tmp_path / "web_summary_markers.png")
+    assert shot.stat().st_size > 20_000
+    print(f"screenshot: {shot} (copy: {keep_screenshot(shot, 'web_summary_markers.png')})")

@@ -2,9 +2,10 @@
 
 What 10x's web summary gives, for a dask-annot run: the cell type composition
 (coarse and fine), the cell types on the tissue (Visium HD), how the neighbour vote
-supported each label, the query cells in the reference PCA space, marker genes from
-the DE table, the gene overlap with the reference, the low-UMI fraction and the
-run's parameters and timings. Nothing is fetched: CSS, JavaScript, SVG and the
+supported each label, the query cells in the reference PCA space (for a marker model,
+which has no reference cells: the marker-score confidence and a dot plot of each call's
+marker genes, :mod:`.dotplot`, instead), marker genes from the DE table, the gene
+overlap with the reference, the low-UMI fraction and the run's parameters and timings. Nothing is fetched: CSS, JavaScript, SVG and the
 tissue map's PNG are inlined, so the page opens from a file without network. Its
 size is bounded whatever the cell count: the scatter draws at most
 :data:`MAX_POINTS` cells (a fixed, seeded subsample), distributions are binned,
@@ -14,7 +15,7 @@ Layout of the package: data from presentation.
 
 - :mod:`.data` -- :func:`~.data.prepare` turns the run's record and tables into a
   :class:`~.data.SummaryData` of plain arrays (no HTML);
-- :mod:`.plots` -- the hand-drawn SVG pictures; :mod:`.tissue` -- the tissue map PNG;
+- :mod:`.plots` -- the hand-drawn SVG pictures; :mod:`.dotplot` -- a marker model's dot plot; :mod:`.tissue` -- the tissue map PNG;
 - :mod:`.render` -- the section registry and the Jinja2 environment;
 - ``templates/page.html.j2``, ``templates/sections/<id>.html.j2``, ``templates/_macros.html.j2``
   (``tabs``, ``bar_table``, ``legend``), ``static/summary.css``, ``static/summary.js``.

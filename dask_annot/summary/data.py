@@ -76,6 +76,7 @@ class SummaryData:
     de: Any = None
     spatial: Spatial | None = None
     warnings: list[str] = field(default_factory=list)
+    kind: str = "knn"  # the model's kind: "knn" (reference cells) or "markers" (marker genes, no cells)
 
 
 def prepare(record: dict, cell_types: Any, embedding2d: np.ndarray | None = None, de: Any = None,
@@ -129,7 +130,7 @@ def prepare(record: dict, cell_types: Any, embedding2d: np.ndarray | None = None
         coarse_names=coarse_names, coarse_codes=coarse_codes, coarse_counts=coarse_counts,
         fine_names=fine_names, fine_codes=fine_codes, fine_counts=fine_counts,
         coarse_colour=colours(coarse_names), fine_colour=colours(fine_names), fine_parent=fine_parent,
-        emb=emb, de=de, spatial=spatial, warnings=warnings,
+        emb=emb, de=de, spatial=spatial, warnings=warnings, kind=str(ref.get("kind", "knn")),
     )
 
 

@@ -147,7 +147,7 @@ def confidence(d: SummaryData) -> tuple[Markup, int]:
         ticks.append(f'<text x="{x:.1f}" y="{y_axis + 10}" text-anchor="middle" class="tick">{fmt(t)}</text>')
     ticks.append(f'<text x="{label_w + plot_w / 2}" y="{y_axis + 26}" text-anchor="middle" class="axis">{esc(xlabel)}</text>')
     svg = (f'<svg class="conf" viewBox="0 0 {label_w + plot_w + 240} {height}" width="100%" role="img" '
-           f'aria-label="vote support per fine type">{"".join(parts)}{"".join(ticks)}</svg>')
+           f'aria-label="{"call confidence" if d.kind == "markers" else "vote support"} per fine type">{"".join(parts)}{"".join(ticks)}</svg>')
     return Markup(svg), n_rows
 
 

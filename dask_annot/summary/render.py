@@ -19,7 +19,7 @@ from typing import Callable
 import numpy as np
 from markupsafe import Markup
 
-from . import plots, tissue
+from . import dotplot, plots, tissue
 from .data import (LOW_UMI, MARKER_MAX_ADJ_P, MARKER_MIN_MEAN, MARKERS_PER_TYPE, MAX_POINTS,
                    SummaryData, legend_items, top_markers)
 
@@ -79,8 +79,9 @@ def render_page(d: SummaryData) -> str:
         ctx = s.build(d)
         if ctx is None:
             continue
+        title, nav = ctx.pop("title", s.title), ctx.pop("nav", s.nav)  # a section may retitle itself for the model's kind
         body = env.get_template(s.template).render(d=d, **ctx)
-        shown.append((s, Markup(body)))
+        shown.append((s, title, nav, Markup(body)))
     return env.get_template("page.html.j2").render(
         d=d, record=d.record, sections=shown, css=static("summary.css"), js=static("summary.js"),
         title=f"dask-annot · {d.record.get('run_id', '')} · {d.model_name}",
@@ -117,6 +118,8 @@ def overview(d: SummaryData) -> dict:
     thr = d.params.get("low_umi_threshold", 100)
     low = int(np.count_nonzero(d.umi < thr))
     kr = f"{d.params.get('k_requested', '')} requested" if d.params.get("k_used") != d.params.get("k_requested") else ""
+    if d.kind == "markers":
+        return _overview_markers(d, low, thr)
     cards = [
         ("Cells", plots.fmt_int(d.n), ""),
         ("Coarse types", plots.fmt_int(len([c for c in d.coarse_names if c != LOW_UMI])), f"{plots.fmt_int(len(d.fine_names))} fine"),
@@ -130,7 +133,32 @@ def overview(d: SummaryData) -> dict:
     ]
     legend = [(n, d.coarse_colour[n], c / d.n) for n, c in zip(d.coarse_names, d.coarse_counts)] if d.n else []
     return {"cards": cards, "strip": plots.composition_strip(d), "legend": legend,
-            "input_name": Path(str(d.record.get("input", {}).get("path", ""))).name}
+            "input_name": Path(str(d.record.get("input", {}).get("path", ""))).name, "marker": None}
+
+
+def _overview_markers(d: SummaryData, low: int, thr: float) -> dict:
+    """The overview of a marker model: its types, organs and marker genes measured (no reference cells, no PCs)."""
+    ov = d.record.get("gene_overlap", {}) or {}
+    shared, total = int(ov.get("shared_genes", 0)), int(ov.get("model_genes", d.ref.get("genes", 0)) or 0)
+    n_types = int(d.ref.get("cell_types", ov.get("cell_types", 0)) or 0)
+    scorable = ov.get("cell_types_scorable")
+    assigned = len(d.record.get("marker_expression") or [])
+    cards = [
+        ("Cells", plots.fmt_int(d.n), ""),
+        ("Coarse types", plots.fmt_int(len([c for c in d.coarse_names if c != LOW_UMI])), f"{plots.fmt_int(len(d.fine_names))} fine"),
+        ("Median UMIs per cell", plots.fmt_int(float(np.median(d.umi))) if d.n else "–", ""),
+        ("Low-UMI barcodes", plots.fmt_pct(low / d.n) if d.n else "–", f"{plots.fmt_int(low)} cells with fewer than {thr} UMIs"),
+        ("Marker genes found", plots.fmt_pct(shared / total) if total else "–",
+         f"{plots.fmt_int(shared)} of {plots.fmt_int(total)}, by {ov.get('matched_by', '?')}" if total else ""),
+        ("Cell types in the model", plots.fmt_int(n_types),
+         f"{plots.fmt_int(scorable)} scorable on this matrix" if scorable is not None else ""),
+        ("Run time", f"{d.record.get('timings_s', {}).get('total', 0):.1f} s" if d.record.get("timings_s") else "–", ""),
+    ]
+    legend = [(n, d.coarse_colour[n], c / d.n) for n, c in zip(d.coarse_names, d.coarse_counts)] if d.n else []
+    organs = [str(o) for o in d.ref.get("organs") or []]
+    return {"cards": cards, "strip": plots.composition_strip(d), "legend": legend,
+            "input_name": Path(str(d.record.get("input", {}).get("path", ""))).name,
+            "marker": {"n_types": n_types, "organs": organs, "shared": shared, "total": total, "assigned": assigned}}
 
 
 @section("composition", "Cell type composition", nav="Composition")
@@ -144,7 +172,9 @@ def composition(d: SummaryData) -> dict:
 
 
 @section("embedding", "Cells in the reference PCA space", nav="Embedding")
-def embedding(d: SummaryData) -> dict:
+def embedding(d: SummaryData) -> dict | None:
+    if d.kind == "markers":
+        return None  # a marker model has no reference PCA space
     if d.emb is None:
         return {"plots": None}
     finite = np.flatnonzero(np.isfinite(d.emb).all(axis=1))
@@ -175,8 +205,24 @@ def tissue_map(d: SummaryData) -> dict | None:
 def confidence(d: SummaryData) -> dict:
     svg, n_rows = plots.confidence(d)
     cons = d.params.get("consensus") or {}
-    return {"svg": svg, "n_rows": n_rows, "vote": str(d.params.get("vote", "")),
-            "consensus": cons if isinstance(cons, dict) and cons.get("applied") else None}
+    ctx = {"svg": svg, "n_rows": n_rows, "vote": str(d.params.get("vote", "")),
+           "consensus": cons if isinstance(cons, dict) and cons.get("applied") else None}
+    if d.kind == "markers":
+        ctx.update(title="Call confidence per cell type", nav="Confidence", scoring=d.params.get("scoring") or {})
+    return ctx
+
+
+@section("dotplot", "Marker genes of each call", nav="Marker dot plot", after="confidence")
+def marker_dot_plot(d: SummaryData) -> dict | None:
+    if d.kind != "markers":
+        return None
+    entries = d.record.get("marker_expression")
+    if entries is None:
+        return {"svg": None, "n_rows": 0, "n_types": 0, "key": None}
+    rows = dotplot.ordered(list(entries))
+    svg, n_rows, top = dotplot.dot_plot(rows)
+    return {"svg": svg, "n_rows": n_rows, "n_types": len(rows), "key": dotplot.keys(top), "cap": dotplot.MAX_DOT_TYPES,
+            "max_genes": dotplot.MAX_DOT_GENES}
 
 
 @section("markers", "Top marker genes", nav="Markers")
@@ -212,7 +258,9 @@ def run(d: SummaryData) -> dict:
         ("Parameters", r.get("parameters", {})),
         ("Input", {k: inp.get(k) for k in ("path", "layout", "size", "sha256", "store", "store_reused", "visium") if k in inp}),
         ("Reference", {k: d.ref.get(k) for k in ("name", "version", "species", "cells", "genes", "pcs", "path", "requested",
-                                                 "reference_json_sha256") if k in d.ref}),
+                                                 "reference_json_sha256") if k in d.ref}) if d.kind != "markers" else
+        ("Marker model", {k: d.ref.get(k) for k in ("name", "kind", "version", "species", "cell_types", "genes", "organs", "path",
+                                                    "requested", "reference_json_sha256") if k in d.ref}),
         ("Differential expression", r.get("differential_expression", {})),
         ("Versions", r.get("versions", {})),
     ]

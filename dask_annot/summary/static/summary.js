@@ -33,10 +33,10 @@ document.querySelectorAll('.tissuebox').forEach(function(box){
       base=c0.getImageData(0,0,canvas.width,canvas.height);
       img.parentNode.insertBefore(canvas,img.nextSibling);
     }
-    var r=+m[1], g=+m[2], b=+m[3], src=base.data, out=new ImageData(base.width,base.height), d=out.data;
-    for(var i=0;i<src.length;i+=4){
-      if(src[i]===r&&src[i+1]===g&&src[i+2]===b){d[i]=r;d[i+1]=g;d[i+2]=b;}
-      else{d[i]=(src[i]+765)>>2;d[i+1]=(src[i+1]+765)>>2;d[i+2]=(src[i+2]+765)>>2;}
+    var r=+m[1], g=+m[2], b=+m[3], px=base.data, out=new ImageData(base.width,base.height), d=out.data;
+    for(var i=0;i<px.length;i+=4){
+      if(px[i]===r&&px[i+1]===g&&px[i+2]===b){d[i]=r;d[i+1]=g;d[i+2]=b;}
+      else{d[i]=(px[i]+765)>>2;d[i+1]=(px[i+1]+765)>>2;d[i+2]=(px[i+2]+765)>>2;}
       d[i+3]=255;
     }
     canvas.getContext('2d').putImageData(out,0,0);
