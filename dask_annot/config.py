@@ -82,8 +82,8 @@ def resolve(**flags: Any) -> Settings:
         raise ConfigError(f"--k must be at least 1, got {s.k}")
     if int(s.chunk_cells) < 1:
         raise ConfigError(f"--chunk-cells must be at least 1, got {s.chunk_cells}")
-    if s.knn_method not in ("auto", "exact", "ann"):
-        raise ConfigError(f"--knn-method must be auto, exact or ann, got '{s.knn_method}'")
+    if s.knn_method not in ("auto", "exact", "ann", "ivf"):
+        raise ConfigError(f"--knn-method must be auto, exact, ivf or ann, got '{s.knn_method}'")
     if s.consensus not in ("auto", "spread", "none"):
         raise ConfigError(f"--consensus must be auto, spread or none, got '{s.consensus}'")
     if s.reject not in ("auto", "none"):

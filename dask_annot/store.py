@@ -156,6 +156,12 @@ def _append_block(block, start: int, stop: int, nnz: int, data, indices, indptr,
 
 
 def _write(info: h5.MatrixInfo, tmp: Path, fp: dict, cells_per_block: int) -> None:
+    if h5.needs_row_copy(info):  # MEX / CSC h5ad: copied once into cell order, not re-read per block
+        rows = tmp.with_name(tmp.name + ".rows")
+        try:
+            return _write(h5.row_copy(info, rows), tmp, fp, cells_per_block)
+        finally:
+            shutil.rmtree(rows, ignore_errors=True)
     root = zarr.open_group(tmp, mode="w", zarr_format=3)
     x = root.create_group("X")
     cap = max(info.nnz, 1) if info.nnz >= 0 else 1 << 20
@@ -240,6 +246,12 @@ def read_block(path: str, start: int, stop: int, n_features: int) -> sp.csr_matr
     data = np.asarray(root["X/data"][lo:hi]) if hi > lo else np.zeros(0, np.int32)
     indices = np.asarray(root["X/indices"][lo:hi]) if hi > lo else np.zeros(0, np.int32)
     return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, n_features))
+
+
+def read_barcodes(path: str, start: int, stop: int) -> np.ndarray:
+    """Barcodes ``start:stop`` of a store (a task reads its own, so graphs do not carry them)."""
+    root = zarr.open_group(path, mode="r", zarr_format=3)
+    return np.asarray(root["obs/barcode"][start:stop], dtype=object)
 
 
 def cell_chunks(n_cells: int, chunk_cells: int) -> tuple[int, ...]:
