@@ -8,7 +8,7 @@
 
     # Visium HD: pass Space Ranger's outs/; the cell-segmented matrix and its geometry are used
     labels = dask_annot.annotate("run/outs")
-    adata = anndata.io.read_h5ad(...) or sc.read_10x_h5("run/outs/segmented_outputs/filtered_feature_cell_matrix.h5")
+    adata = sc.read_10x_h5("run/outs/segmented_outputs/filtered_feature_cell_matrix.h5")
     dask_annot.add_to_anndata(adata, labels)       # also .obsm["spatial"], .uns["spatial"] (sc.pl.spatial, squidpy)
 
 :func:`annotate` runs the same pipeline as ``dask-annot annotate`` (an AnnData is

@@ -329,11 +329,11 @@ def residuals(x: sp.csr_matrix, umi: np.ndarray, rates: np.ndarray) -> np.ndarra
 
 def block_scores(path: str, start: int, stop: int, n_features: int, cols: np.ndarray, umi: np.ndarray,
                  rates: np.ndarray, weights: sp.csr_matrix) -> np.ndarray:
-    """Stouffer score of every type for cells ``start:stop`` (cells x types, float64). The
+    """Stouffer score of every type for cells ``start:stop`` (cells x types, float32). The
     sparse-times-dense product sums each cell's genes in a fixed order: per-cell results."""
     x = store.read_block(path, start, stop, n_features)[:, cols]
     z = residuals(x, umi, rates)
-    return np.ascontiguousarray((weights @ z.T).T)
+    return np.ascontiguousarray((weights @ z.T).T, dtype=np.float32)  # float32: cells x types is the run's largest array
 
 
 def lazy_scores(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, *, chunk_cells: int):
@@ -351,21 +351,27 @@ def lazy_scores(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, *, chun
 
 
 def _concat_scores(parts: list, n_types: int) -> np.ndarray:
-    return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types))
+    return np.concatenate(parts, axis=0) if parts else np.zeros((0, n_types), np.float32)
 
 
-def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None, block: int = 4096) -> np.ndarray:
+def _pool_matrix(nbr: np.ndarray) -> sp.csr_matrix:
+    """The row-stochastic "mean of the cell and its neighbours" matrix (``nbr``: cells x k, -1 = none)."""
+    n, k = nbr.shape
+    valid = nbr >= 0
+    rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), k)[valid.ravel()]])
+    cols = np.concatenate([np.arange(n), nbr.ravel()[valid.ravel()]])
+    m = 1.0 + valid.sum(axis=1)
+    return sp.csr_matrix((1.0 / m[rows], (rows, cols)), shape=(n, n))
+
+
+def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None, block: int = 16_384) -> np.ndarray:
     """Per cell, ``sqrt(sum_j w_ij^2)`` of the pooling weights (the rows of ``P^rounds``, ``P``
     the row-stochastic "self and neighbours" matrix): the standard deviation of a pooled score
     when the raw scores are independent with unit variance, so ``pooled / norm`` is a z-score."""
     rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or n == 0:
         return np.ones(n)
-    valid = nbr >= 0
-    rows = np.repeat(np.arange(n), 1 + valid.sum(axis=1))
-    cols = np.concatenate([np.concatenate([[i], nbr[i][valid[i]]]) for i in range(n)]) if n else np.zeros(0, np.int64)
-    m = 1.0 + valid.sum(axis=1)
-    P = sp.csr_matrix((1.0 / m[rows], (rows, cols)), shape=(n, n))
+    P = _pool_matrix(nbr)
     out = np.empty(n)
     for a in range(0, n, block):
         W = P[a:min(a + block, n)]
@@ -375,26 +381,17 @@ def pool_weights_norm(nbr: np.ndarray | None, n: int, rounds: int | None = None,
     return out
 
 
-def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None, block: int = 4096) -> np.ndarray:
+def pool(scores: np.ndarray, nbr: np.ndarray | None, rounds: int | None = None) -> np.ndarray:
     """Mean of each cell's scores with its neighbours' (``nbr``: cells x k, -1 = none), ``rounds``
-    (default :data:`POOL_ROUNDS`) times."""
+    (default :data:`POOL_ROUNDS`) times, as sparse products: each row sums its own entries in a
+    fixed order, so the result does not depend on chunking or workers."""
     rounds = POOL_ROUNDS if rounds is None else rounds
     if nbr is None or rounds <= 0 or scores.shape[0] == 0:
         return scores
-    valid = nbr >= 0
-    safe = np.where(valid, nbr, 0)
-    m = 1.0 + valid.sum(axis=1)
-    s = scores
+    P = _pool_matrix(nbr).astype(scores.dtype)
+    s = np.ascontiguousarray(scores)
     for _ in range(rounds):
-        out = np.empty_like(s)
-        for a in range(0, s.shape[0], block):
-            b = min(a + block, s.shape[0])
-            gathered = s[safe[a:b]] * valid[a:b, :, None]
-            acc = s[a:b].copy()
-            for j in range(gathered.shape[1]):  # fixed order: same digits whatever the block
-                acc += gathered[:, j]
-            out[a:b] = acc / m[a:b, None]
-        s = out
+        s = P @ s
     return s
 
 
@@ -457,7 +454,8 @@ def annotate_scores(raw_scores: np.ndarray, graph: dict | None, model: MarkerMod
     """Pool the raw type scores over the query graph (when there is one), as z-scores; types
     the query cannot judge (too few of their markers measured) are left out; walk the hierarchy."""
     nbr = graph.get("nbr") if graph else None
-    pooled = pool(raw_scores, nbr) / pool_weights_norm(nbr, raw_scores.shape[0])[:, None]
+    pooled = pool(raw_scores, nbr)
+    pooled /= pool_weights_norm(nbr, raw_scores.shape[0]).astype(pooled.dtype)[:, None]
     pooled[:, ~plan.scorable] = -np.inf
     calls = walk(pooled, model)
     rec = {**parameters(), "pooled": nbr is not None and POOL_ROUNDS > 0, "graph": (graph or {}).get("how")}
@@ -498,10 +496,15 @@ def dot_plot_table(model: MarkerModel, plan: GenePlan, calls: np.ndarray, stats:
     return out
 
 
-def lazy_marker_stats(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, calls: np.ndarray, *, chunk_cells: int) -> list:
+STATS_BLOCK_CELLS = 16_384  # fixed, so the float sums (and their digits) never depend on --chunk-cells
+
+
+def lazy_marker_stats(st: store.StoreInfo, model: MarkerModel, plan: GenePlan, calls: np.ndarray) -> list:
+    """Lazy per-block dot-plot sums over blocks of :data:`STATS_BLOCK_CELLS` cells (summed in
+    block order by :func:`dot_plot_table`)."""
     umi = np.asarray(st.umi_count)
     codes = np.where(calls["depth"] > DEPTH_NONE, calls["code"], len(model.labels)).astype(np.int64)
-    bounds = np.cumsum((0,) + store.cell_chunks(st.n_cells, chunk_cells))
+    bounds = np.cumsum((0,) + store.cell_chunks(st.n_cells, STATS_BLOCK_CELLS))
     return [dask.delayed(_stats_drop_unassigned, pure=True)(st.path, a, b, st.n_features, plan.query_cols, umi[a:b], codes[a:b], len(model.labels))
             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 

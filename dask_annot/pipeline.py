@@ -267,6 +267,16 @@ class KnnPlan:
         return self.model.name
 
 
+def _default_plan(spec: str, st: store.StoreInfo, settings: Settings, log):
+    """A default (not named) marker model: left out, with a warning, when the matrix has too few
+    of its marker genes to judge any cell type; the kNN default still runs."""
+    try:
+        return plan_model(spec, st, settings)
+    except GeneOverlapError as exc:
+        log(f"warning: default model {spec} left out: {exc}")
+        return None
+
+
 @dataclass
 class MarkerPlan:
     """How one marker model annotates this matrix: its genes found in the query."""
@@ -353,9 +363,11 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
         positions = visium.positions(vis, st.barcodes, cache_dir=root / "work")
     if vis.matrix != vis.given or positions is not None or vis.bin_size_um:
         fp["visium"] = {**vis.record(), **(positions.record if positions is not None else {})}
-    specs = parse_model_specs(specs) or default_models(st)
+    named = parse_model_specs(specs)
+    specs = named or default_models(st)
     with timer.stage("load_model"):
-        plans = [plan_model(spec, st, settings) for spec in specs]
+        plans = [p for p in (_default_plan(spec, st, settings, log) if named is None and spec in PAN_MODELS.values()
+                             else plan_model(spec, st, settings) for spec in specs) if p is not None]
     names = [p.name for p in plans]
     if len(set(names)) < len(names):
         raise ConfigError(f"--cell-annotation-model names the model '{max(set(names), key=names.count)}' twice; name each model once")
@@ -492,7 +504,7 @@ def _run_markers(plan: MarkerPlan, st: store.StoreInfo, fp: dict, *, root: Path,
         calls, scoring = markers.annotate_scores(raw, graph_value, mdl, plan.genes)
     del raw
     with timer.stage("marker_stats"):
-        (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls, chunk_cells=settings.chunk_cells))
+        (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls))
     record = {
         "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
                       "cells": 0, "cell_types": len(mdl.labels), "genes": int(mdl.genes.size), "organs": mdl.organs,

@@ -51,11 +51,12 @@ def test_pan_human_calls_pbmc4k_lineages(pbmc4k_run):
     assert b_types and any(m["fraction_expressing"] > 0.5 for m in b_types[0]["markers"])
 
 
-def test_marker_run_does_not_depend_on_chunks(pbmc4k_run, tmp_path):
+def test_marker_run_does_not_depend_on_chunks_or_workers(pbmc4k_run, tmp_path):
     _, res = pbmc4k_run
     other = pipeline.run("pbmc4k", shared_path(*PBMC4K), models=["pan_human_v1"], output_dir=tmp_path,
-                         settings=resolve(chunk_cells=333), log=lambda m: None)[0]
+                         settings=resolve(chunk_cells=333, scheduler="threads", n_workers=1), log=lambda m: None)[0]
     assert (other.model_dir / "cell_types.csv").read_bytes() == (res.model_dir / "cell_types.csv").read_bytes()
+    assert other.record["marker_expression"] == res.record["marker_expression"]
 
 
 def _model_and_plan():
@@ -121,3 +122,26 @@ def test_bad_marker_table(tmp_path):
     out = build_marker_reference(good, name="mine", output=tmp_path / "mine")
     m = resolve_model(str(out))
     assert m.kind == "markers" and set(m.labels) == {"B cell", "T cell"}
+
+
+def test_default_run_leaves_out_a_marker_model_that_cannot_judge_the_matrix(tmp_path):
+    """Default models: a matrix holding the kNN model's genes but none of the pan model's marker
+    genes still gets its kNN annotation; the pan model is left out with a warning."""
+    import scipy.sparse as sp
+
+    from dask_annot import h5
+    from dask_annot.cli import example_path
+
+    info = h5.open_matrix(example_path())
+    X = h5.read_cells(info, 0, info.n_cells).tocsc()
+    pan = {str(g).upper() for g in resolve_model("pan_human_v1").genes}
+    keep = np.array([str(n).upper() not in pan for n in info.feature_names])
+    path = tmp_path / "no_markers.h5"
+    h5.write_10x_h5(path, sp.csr_matrix(X[:, keep]), barcodes=info.barcodes, feature_ids=info.feature_ids[keep],
+                    feature_names=info.feature_names[keep])
+    logs = []
+    results = pipeline.run("t", path, models=None, output_dir=tmp_path / "out", settings=resolve(), log=logs.append)
+    assert [r.model_dir.name for r in results] == ["human_pbmc_v1"]
+    assert any("default model pan_human_v1 left out" in m for m in logs)
+    with pytest.raises(GeneOverlapError):  # named explicitly, it is an error
+        pipeline.run("t2", path, models=["pan_human_v1"], output_dir=tmp_path / "out", settings=resolve(), log=lambda m: None)

@@ -220,6 +220,18 @@ def _check_tissue_map(browser, page: Path, tmp_path: Path, shot: str) -> float:
     assert browser.eval("document.getElementById('tis-1').hidden") is False
     assert browser.eval("document.querySelector('#tis-1 img.tissue').getBoundingClientRect().width") > 300
     browser.eval("document.querySelector('[data-tab=\"tis-0\"]').click()")
+    # hovering a type in the legend shows it alone: a canvas of the same size, its pixels only that colour or faded
+    browser.eval("document.querySelector('#tis-0 ul.legend li').dispatchEvent(new MouseEvent('mouseenter'))")
+    assert browser.eval("document.querySelector('#tis-0 img.tissue').hidden") is True
+    picked = browser.eval("""(() => { const c = document.querySelector('#tis-0 canvas.tissue');
+        const dot = getComputedStyle(document.querySelector('#tis-0 ul.legend li .dot')).backgroundColor.match(/\\d+/g).map(Number);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let same = 0, vivid = 0;
+        for (let i = 0; i < d.length; i += 4) { if (d[i] === dot[0] && d[i+1] === dot[1] && d[i+2] === dot[2]) same++;
+          else if (Math.min(d[i], d[i+1], d[i+2]) < 150) vivid++; }
+        return [c.hidden, c.width, same, vivid]; })()""")
+    assert picked[0] is False and picked[1] == 1000 and picked[2] > 0 and picked[3] == 0, picked
+    browser.eval("document.querySelector('#tis-0 ul.legend li').dispatchEvent(new MouseEvent('mouseleave'))")
+    assert browser.eval("document.querySelector('#tis-0 img.tissue').hidden") is False
     browser.eval("document.getElementById('tissue').scrollIntoView()")
     assert browser.problems() == []
     path = browser.screenshot(tmp_path / shot)
