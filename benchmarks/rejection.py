@@ -276,7 +276,7 @@ def main() -> None:
     example = annotate(work, "human_pbmc_v1", REPO / "dask_annot" / "data" / "example" / "pbmc4k_800cells.h5", "auto", "example")
     res["builtin"] = {
         "brain tumour (human_pbmc_v1)": {"cells": int(brain["rejected"].size), "unassigned_pct": pct(brain["rejected"].mean()),
-                                          "labels_of_kept": {k: int(v) for k, v in zip(*np.unique(brain["fine"][~brain["rejected"]].astype(str), return_counts=True))}},
+                                          "labels_of_kept": {str(k): int(v) for k, v in zip(*np.unique(brain["fine"][~brain["rejected"]].astype(str), return_counts=True))}},
         "bundled example (human_pbmc_v1)": {"cells": int(example["rejected"].size), "unassigned_pct": pct(example["rejected"].mean())},
     }
     res["total_s"] = round(time.perf_counter() - t0, 1)
