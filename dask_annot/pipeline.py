@@ -453,6 +453,13 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         depth[rejected] = outputs.DEPTH_NONE
         calls = outputs.calls_from(votes_np["fine"], prob=prob, count=votes_np["count"], depth=depth)
         log(f"{mdl.name}: {int(rejected.sum())} of {len(rejected)} cells unlike the reference (Unassigned)")
+        if len(rejected) and rejected.mean() > 0.5:  # said, not decided: the rule stays the rule
+            run_warnings = [*run_warnings, (
+                f"{mdl.name}: {rejected.mean():.0%} of the cells are Unassigned (unlike the reference). Either the sample "
+                "holds cell types this reference lacks (another tissue), or it was made with another technology than the "
+                "reference, which this test cannot tell apart; in the second case rerun with --reject none and read "
+                "final_level_softmax_prob (see docs/confidence.md)")]
+            log("warning: " + run_warnings[-1])
     else:
         calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
     conf_rec = confidence.record(conf, reject=settings.reject, rejected=rejected, fine=votes_np["fine"], labels=mdl.labels,

@@ -162,3 +162,20 @@ def test_spreading_skips_rejected_cells():
     # cell 0 hears only cell 2 and cell 2 only cell 0: what cell 1 says never arrives
     p_without = consensus.spread(p0[[0, 2]], np.array([[1, -1], [0, -1]]))
     np.testing.assert_allclose(p[[0, 2]], p_without)
+
+
+def test_a_mostly_unassigned_run_says_why_in_the_log_and_run_json(tmp_path):
+    """Known limit (benchmarks/results/rejection.md): an inDrop mouse lung sample against the
+    10x-made built-in mouse model is rejected whole, as a sample of another tissue would be.
+    The rule cannot tell those apart, so the run must say so instead of staying silent."""
+    said: list[str] = []
+    res = pipeline.run("z", shared_path("data", "mouse_tissue", "zilionis_mouse_lung_immune_800cells.h5ad"),
+                       models=["mouse_immune_v1"], output_dir=tmp_path, settings=config.resolve(scheduler="threads"),
+                       log=said.append, progress=False)
+    rec = json.loads((res[0].model_dir / "run.json").read_text())
+    frac = rec["confidence"]["rejected"] / 800
+    assert frac > 0.5
+    warn = [w for w in rec.get("warnings", []) if "Unassigned" in w]
+    assert len(warn) == 1 and "--reject none" in warn[0] and f"{frac:.0%}" in warn[0]
+    assert any(line.startswith("warning: mouse_immune_v1") for line in said)
+    assert "--reject none" in (res[0].model_dir / "web_summary.html").read_text()
