@@ -1,6 +1,7 @@
 """Gene alignment: the query's genes onto the reference's gene list.
 
-Genes are matched by Ensembl id when both sides carry ids, else by symbol;
+Genes are matched by Ensembl id when both sides carry ids, then by symbol for the rest
+(a symbol or id the query repeats matches nothing: which gene it means is unknown);
 query genes the reference lacks are dropped, reference genes the query lacks
 stay zero. The overlap is reported, and refused when too small to mean anything.
 """
@@ -85,34 +86,78 @@ class Alignment:
         return out
 
 
-def _first_index(names: np.ndarray) -> dict[str, int]:
-    """name -> first position (10x files can repeat a symbol; the first one wins)."""
-    out: dict[str, int] = {}
-    for i, n in enumerate(np.asarray(names, dtype=str)):
-        out.setdefault(n, i)
-    return out
+def _unique_index(keys: np.ndarray) -> dict[str, int]:
+    """key -> position, for keys that occur exactly once (empty keys never match).
+
+    A key that occurs more than once is left out: 10x feature lists repeat some symbols
+    (e.g. GRCh38 2020-A has ten, each a different Ensembl gene), and picking one of them
+    would be arbitrary while summing them would count another gene's reads. An ambiguous
+    gene is treated as missing, as any gene the query lacks is.
+    """
+    first: dict[str, int] = {}
+    repeated: set[str] = set()
+    for i, k in enumerate(np.asarray(keys, dtype=str).tolist()):
+        if not k:
+            continue
+        if k in first:
+            repeated.add(k)
+        else:
+            first[k] = i
+    for k in repeated:
+        del first[k]
+    return first
+
+
+def _strip_version(ids) -> np.ndarray:
+    return np.array([str(x).split(".")[0] if _ENSEMBL.match(str(x)) else str(x) for x in ids], dtype=object)
+
+
+def ensembl_ids_for_symbols(symbols, *, table_ids, table_names) -> np.ndarray:
+    """The Ensembl id of each symbol from a feature table (a 10x ``features`` list: ids and
+    names); ``""`` for a symbol the table lacks or gives to several genes."""
+    lookup = _unique_index(np.asarray(table_names, dtype=str))
+    ids = np.asarray(table_ids, dtype=str)
+    return np.array([ids[lookup[s]] if s in lookup else "" for s in np.asarray(symbols, dtype=str).tolist()], dtype=object)
 
 
 def align_genes(*, query_ids, query_names, ref_ids, ref_names, source: str = "query", reference: str = "reference",
                 required: np.ndarray | None = None) -> Alignment:
     """Match reference genes to query genes, refusing a meaningless overlap.
 
-    ``required``: indices of the reference genes the model cannot do without (a kNN
-    model's PCA genes within its universe); the overlap check is about those.
+    By Ensembl id first (when both sides carry ids; version suffixes dropped), then by
+    symbol for the reference genes still unmatched, among the query genes whose own id the
+    reference lacks. A key (id or symbol) that occurs more than once in the query matches
+    nothing (see :func:`_unique_index`). ``required``: indices of the reference genes the
+    model cannot do without (a kNN model's PCA genes within its universe); the overlap
+    check is about those.
     """
+    q_names = np.asarray(query_names, dtype=str)
+    r_names = np.asarray(ref_names, dtype=str)
+    idx = np.full(len(r_names), -1, dtype=np.int64)
     by_id = looks_like_ensembl(query_ids) and looks_like_ensembl(ref_ids)
+    n_id = 0
+    q_free = np.ones(len(q_names), dtype=bool)
     if by_id:
-        strip = lambda xs: np.array([str(x).split(".")[0] for x in xs])  # noqa: E731 (drop version suffixes)
-        lookup, keys, how = _first_index(strip(query_ids)), strip(ref_ids), "ensembl_id"
-    else:
-        lookup, keys, how = _first_index(query_names), np.asarray(ref_names, dtype=str), "symbol"
-    idx = np.array([lookup.get(k, -1) for k in keys], dtype=np.int64)
+        q_ids, r_ids = _strip_version(query_ids), _strip_version(ref_ids)
+        lookup = _unique_index(q_ids)
+        idx = np.array([lookup.get(k, -1) if k else -1 for k in r_ids.tolist()], dtype=np.int64)
+        n_id = int(np.count_nonzero(idx >= 0))
+        r_id_set = {k for k in r_ids.tolist() if k}
+        q_free = np.array([k not in r_id_set for k in q_ids.tolist()], dtype=bool)
+    sym = _unique_index(q_names)
+    todo = np.flatnonzero(idx < 0)
+    for j in todo.tolist():
+        i = sym.get(r_names[j], -1)
+        if i >= 0 and q_free[i]:
+            idx[j] = i
+    n_sym = int(np.count_nonzero(idx >= 0)) - n_id
+    how = "ensembl_id" if n_id and not n_sym else ("ensembl_id+symbol" if n_id else "symbol")
     req = None if required is None else np.asarray(required, dtype=np.int64)
-    al = Alignment(query_index=idx, matched_by=how, n_reference_genes=len(keys), n_query_genes=len(query_names), required=req)
+    al = Alignment(query_index=idx, matched_by=how, n_reference_genes=len(r_names), n_query_genes=len(q_names), required=req)
     if al.n_required_shared < MIN_SHARED_GENES or al.required_fraction < MIN_SHARED_FRACTION:
         raise GeneOverlapError(
             f"{source}: only {al.n_required_shared} of the {al.n_required} genes of {reference} are present "
-            f"(matched by {how.replace('_', ' ')}); at least {MIN_SHARED_GENES} and {MIN_SHARED_FRACTION:.0%} are needed. "
+            f"(matched by {how.replace('_', ' ').replace('+', ' then ')}); at least {MIN_SHARED_GENES} and {MIN_SHARED_FRACTION:.0%} are needed. "
             "Check that the species matches the model and that the matrix holds all genes, or choose another --cell-annotation-model"
         )
     return al

@@ -6,6 +6,11 @@
     labels = dask_annot.annotate(adata)            # a DataFrame like cell_types.csv, by barcode
     dask_annot.add_to_anndata(adata, labels)       # .obs columns and .obsm["X_dask_annot_pca"]
 
+    # Visium HD: pass Space Ranger's outs/; the cell-segmented matrix and its geometry are used
+    labels = dask_annot.annotate("run/outs")
+    adata = anndata.io.read_h5ad(...) or sc.read_10x_h5("run/outs/segmented_outputs/filtered_feature_cell_matrix.h5")
+    dask_annot.add_to_anndata(adata, labels)       # also .obsm["spatial"], .uns["spatial"] (sc.pl.spatial, squidpy)
+
 :func:`annotate` runs the same pipeline as ``dask-annot annotate`` (an AnnData is
 written to a temporary ``.h5ad`` first), on the threaded scheduler or on the
 ``distributed.Client`` passed in, and returns ``cell_types.csv`` as a DataFrame.
@@ -25,6 +30,7 @@ import numpy as np
 from .cli import example_path
 from .errors import ConfigError, InputFormatError, InputNotFoundError
 from .build import build_reference
+from .outputs import DEPTH_NONE
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -43,12 +49,15 @@ def annotate(
     k: int | None = None,
     layout: Literal["cloud", "hierarchical"] | None = None,
     consensus: Literal["auto", "spread", "none"] | None = None,
+    reject: Literal["auto", "none"] | None = None,
     output_dir: str | os.PathLike | None = None,
     run_id: str | None = None,
     layer: str | None = None,
     chunk_cells: int | None = None,
     force: bool = False,
     quiet: bool = False,
+    allow_bins: bool = False,
+    cell_geometry: str | os.PathLike | None = None,
 ) -> "pd.DataFrame":
     """Label every cell; returns ``cell_types.csv`` as a DataFrame indexed by barcode.
 
@@ -70,6 +79,10 @@ def annotate(
     consensus
         As ``--consensus``: label spreading over the query's own neighbours (default from the
         configuration: ``auto``, only for small references).
+    reject
+        As ``--reject``: ``auto`` (default) writes ``Unassigned`` for cells unlike the reference
+        and reports only the levels the calibrated probability supports; ``none`` labels every
+        cell at the fine level, as 10x does.
 
     Options left as None come from ``dask.config`` (key ``annot``, e.g.
     ``dask.config.set({"annot.k": 100})``), as on the command line.
@@ -85,34 +98,47 @@ def annotate(
         As ``--chunk-cells`` and ``--force`` of the command line.
     quiet
         No progress messages on stderr.
+    allow_bins, cell_geometry
+        As ``--allow-bins`` and ``--cell-geometry`` (Visium HD; a Space Ranger ``outs/`` may be
+        passed as the path).
 
     Returns
     -------
     pandas.DataFrame
         One row per cell in matrix order, the columns of ``cell_types.csv`` after
-        ``barcode`` (the index). ``.attrs["dask_annot"]`` holds the run record
+        ``barcode`` (the index), plus ``final_level_softmax_prob`` (the calibrated probability
+        that the reported level is right; in every layout) and ``rejected`` (True for cells
+        unlike the reference, written ``Unassigned``). ``.attrs["dask_annot"]`` holds the run record
         (``run``), the model directory (``model_dir``, ``None`` when not kept) and the
         first two reference PCs of each cell (``embedding2d``), which
-        :func:`add_to_anndata` stores in ``.obsm``.
+        :func:`add_to_anndata` stores in ``.obsm``; for Visium HD with cell geometry, also
+        ``spatial`` (centroids in full-resolution pixels, scale factors, low-res image).
     """
     from . import config, pipeline
     from .summary import read_cell_types
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_id = run_id or "dask_annot"
-    settings = config.resolve(k=k, layout=layout, consensus=consensus, chunk_cells=chunk_cells, force=force or None)
+    settings = config.resolve(k=k, layout=layout, consensus=consensus, reject=reject, chunk_cells=chunk_cells, force=force or None)
     with tempfile.TemporaryDirectory(prefix="dask-annot-") as tmp:
         matrix = _as_matrix_path(adata_or_path, Path(tmp), layer=layer)
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"
         res = pipeline.annotate(run_id, matrix, model=model, output_dir=out, settings=settings, log=log, progress=False,
-                                client=client)
+                                client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)
         df = read_cell_types(res.model_dir / "cell_types.csv").set_index("barcode")
+        if res.calls is not None:
+            if "final_level_softmax_prob" not in df.columns:
+                df["final_level_softmax_prob"] = res.calls["prob"].astype(np.float64)
+            df["rejected"] = res.calls["depth"] == DEPTH_NONE
         emb = res.embedding2d
     df.attrs["dask_annot"] = {
         "run": res.record,
         "model_dir": str(res.model_dir) if output_dir is not None else None,
         "embedding2d": np.asarray(emb, dtype=np.float32),
     }
+    if res.positions is not None:
+        df.attrs["dask_annot"]["spatial"] = {"library_id": run_id, "xy": res.positions.xy,
+                                             "scalefactors": res.positions.scalefactors, "lowres": res.positions.lowres}
     return df
 
 
@@ -123,6 +149,12 @@ def add_to_anndata(adata: Any, df: "pd.DataFrame", *, embedding: np.ndarray | No
     numbers. Rows are matched by barcode, so ``adata`` may be in any order, but every
     cell of it needs a row. The embedding (``embedding``, else the one ``annotate`` kept in
     ``df.attrs``; rows in ``df``'s order) goes to ``.obsm["X_<key_prefix>dask_annot_pca"]``.
+
+    Visium HD (``annotate`` read cell geometry): each cell's centroid in full-resolution
+    tissue-image pixels goes to ``.obsm["spatial"]`` and ``.uns["spatial"][library_id]``
+    gets ``images["lowres"]`` and ``scalefactors`` (Space Ranger's, plus
+    ``spot_diameter_fullres``: a typical cell's diameter), the layout ``sc.pl.spatial``
+    and squidpy read.
     """
     import pandas as pd
 
@@ -151,6 +183,18 @@ def add_to_anndata(adata: Any, df: "pd.DataFrame", *, embedding: np.ndarray | No
         if emb.ndim != 2 or emb.shape[0] != len(df):
             raise InputFormatError(f"embedding has shape {emb.shape}; expected one row per result row ({len(df)}, n)")
         adata.obsm[OBSM_KEY.format(prefix=key_prefix)] = emb[pos]
+    spatial = (df.attrs.get("dask_annot") or {}).get("spatial")
+    if spatial is not None:
+        xy = np.asarray(spatial["xy"], dtype=np.float64)
+        if xy.shape != (len(df), 2):
+            raise InputFormatError(f"spatial positions have shape {xy.shape}; expected ({len(df)}, 2); pass the DataFrame "
+                                   "returned by dask_annot.annotate")
+        adata.obsm["spatial"] = xy[pos]
+        lib = {"images": {}, "scalefactors": dict(spatial.get("scalefactors") or {}),
+               "metadata": {"source": "dask-annot: cell centroids from cell_segmentations.geojson"}}
+        if spatial.get("lowres") is not None:
+            lib["images"]["lowres"] = np.asarray(spatial["lowres"])
+        adata.uns.setdefault("spatial", {})[str(spatial.get("library_id") or "dask_annot")] = lib
 
 
 def write_loupe_csv(cell_types: Any, output: str | os.PathLike, *, column: str = "coarse_cell_type", group_name: str | None = None) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, h5, knn
+from . import __version__, confidence, h5, knn
 from .errors import ConfigError, InputFormatError
 from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
 from .ontology import CL_RELEASE, levels_for, read_ontology_map
@@ -114,6 +114,9 @@ class LabelledCells:
         return np.asarray(self.info.feature_names, dtype=str)
 
     def read(self, start: int, stop: int):
+        if h5.needs_row_copy(self.info):  # MEX / CSC h5ad: copied once into cell order, kept while this object lives
+            self._rows = tempfile.TemporaryDirectory(prefix="dask-annot-rows-")
+            self.info = h5.row_copy(self.info, self._rows.name)
         return h5.read_cells(self.info, start, stop)
 
     def kept_blocks(self, cells_per_block: int):
@@ -126,10 +129,27 @@ class LabelledCells:
                 yield start, stop, sel
 
 
+def with_ensembl_ids(info: h5.MatrixInfo, table: str | os.PathLike) -> h5.MatrixInfo:
+    """``info`` with Ensembl ids for its symbols, from a 10x matrix's feature table (``table``: any
+    matrix :func:`h5.open_matrix` reads, e.g. a Cell Ranger GRCh38 H5); ``""`` where the table
+    lacks a symbol or repeats it, so those genes match queries by symbol."""
+    from dataclasses import replace
+
+    from .align import ensembl_ids_for_symbols, looks_like_ensembl
+
+    if looks_like_ensembl(info.feature_ids):
+        return info
+    t = h5.open_matrix(table)
+    ids = ensembl_ids_for_symbols(info.feature_names, table_ids=t.feature_ids, table_names=t.feature_names)
+    return replace(info, feature_ids=ids)
+
+
 def open_labelled_cells(input_path: Path, *, label_column: str, dataset_column: str | None, labels_csv: str | None,
-                        exclude_labels: tuple[str, ...]) -> LabelledCells:
+                        exclude_labels: tuple[str, ...], gene_id_table: str | os.PathLike | None = None) -> LabelledCells:
     """Open the input matrix and its labels; refuse one with too few labelled cells."""
     info = h5.open_matrix(input_path)
+    if gene_id_table:
+        info = with_ensembl_ids(info, gene_id_table)
     labels_raw, datasets_raw = read_labels(input_path, info.barcodes, label_column=label_column, dataset_column=dataset_column, labels_csv=labels_csv)
     labels = np.array(["" if v is None else str(v) for v in labels_raw], dtype=object)
     keep = ~np.isin(labels, list(MISSING_LABELS | set(exclude_labels)))
@@ -179,14 +199,29 @@ def _z_blocks(cells: LabelledCells, cells_per_block: int, hvg: np.ndarray, mean:
         yield clipped_zscore(logn, mean, std, clip)
 
 
-def _label_table(cells: LabelledCells, ontology_map) -> tuple[list[str], dict, dict]:
-    """Fine label names (sorted), raw label -> Levels, and fine name -> Levels."""
-    omap = read_ontology_map(ontology_map) if ontology_map else {}
+def _label_table(cells: LabelledCells, ontology_map, *, merge_same_term: bool = False) -> tuple[list[str], dict, dict]:
+    """Fine label names (sorted), raw label -> Levels, and fine name -> Levels.
+
+    Labels the map sends to the same Cell Ontology term would become one class: refused
+    unless ``merge_same_term`` (a reference built from CELLxGENE has CL ids as labels, its
+    own map, ``cells.ontology_map``)."""
+    omap = getattr(cells, "ontology_map", None) or (read_ontology_map(ontology_map) if ontology_map else {})
     raw_labels = sorted(set(cells.labels[cells.keep].tolist()))
     unmapped = [lab for lab in raw_labels if omap and lab not in omap]
     if unmapped:
         raise ConfigError(f"{ontology_map}: no ontology id for label(s) {', '.join(map(repr, unmapped))}; add rows label,ontology_id")
     raw_levels = {lab: levels_for(lab, omap.get(lab)) for lab in raw_labels}
+    by_fine: dict[str, list[str]] = {}
+    for lab, lv in raw_levels.items():
+        by_fine.setdefault(lv.fine, []).append(lab)
+    merged = {f: labs for f, labs in by_fine.items() if len(labs) > 1}
+    if merged and not merge_same_term:
+        f, labs = next(iter(sorted(merged.items())))
+        raise ConfigError(
+            f"{ontology_map or 'the labels'}: {', '.join(map(repr, labs))} map to the same Cell Ontology term ('{f}') and would "
+            f"become one class{f' ({len(merged)} such terms)' if len(merged) > 1 else ''}; map them to distinct terms, "
+            "or pass --merge-same-term to pool them"
+        )
     fine_names = sorted({lv.fine for lv in raw_levels.values()})
     return fine_names, raw_levels, {lv.fine: lv for lv in raw_levels.values()}
 
@@ -237,6 +272,9 @@ def build_reference(
     shard_cells: int | None = None,
     ivf_lists: int | None = None,
     ivf_probes: int | None = None,
+    gene_id_table: str | os.PathLike | None = None,
+    cells: LabelledCells | None = None,
+    merge_same_term: bool = False,
 ) -> Path:
     """Build a kNN reference directory from labelled raw counts; returns its path.
 
@@ -245,14 +283,19 @@ def build_reference(
     the embedding), so memory holds genes x genes plus the cells x PCs embedding.
     The input's whole gene list is kept as the reference's gene universe: a query
     is scaled by its total over the same genes (see :mod:`dask_annot.normalize`).
+    ``gene_id_table``: a 10x matrix whose features give Ensembl ids to an input that has
+    symbols only, so queries with ids match by id (:func:`with_ensembl_ids`).
+    ``cells``: an input already opened (e.g. CELLxGENE files or the Census, see
+    :mod:`dask_annot.sources`); ``input_path`` and the label options are then unused.
     """
-    input_path, output = Path(input_path), Path(output)
+    output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
     target_sum, clip = 1e4, 10.0
-    cells = open_labelled_cells(input_path, label_column=label_column, dataset_column=dataset_column,
-                                labels_csv=labels_csv, exclude_labels=exclude_labels)
-    fine_names, raw_levels, levels_by_fine = _label_table(cells, ontology_map)
+    if cells is None:
+        cells = open_labelled_cells(Path(input_path), label_column=label_column, dataset_column=dataset_column,
+                                    labels_csv=labels_csv, exclude_labels=exclude_labels, gene_id_table=gene_id_table)
+    fine_names, raw_levels, levels_by_fine = _label_table(cells, ontology_map, merge_same_term=merge_same_term)
     fine_code = {f: i for i, f in enumerate(fine_names)}
 
     # pass 1: gene statistics -> highly variable genes and their mean / std
@@ -323,7 +366,30 @@ def build_reference(
         "knn": knn_meta,
         **({"shards": shard_meta} if shard_meta else {}),
     }
+    # novelty thresholds and calibration maps (see dask_annot.confidence)
+    meta["confidence"], conf_arrays = confidence.fit(
+        lambda: (cells.read(a, b)[sel] for a, b, sel in cells.kept_blocks(cells_per_block)), label_codes=label_codes,
+        labels=fine_names, levels=[levels_by_fine[f] for f in fine_names], embedding=embedding, dataset_codes=dataset_codes,
+        n_datasets=len(datasets), n_genes=int(cells.gene_ids.size), seed=seed)
+    arrays.update(conf_arrays)
     return _write_artifact(output, arrays, meta, extra_files=extra_files)
+
+
+def build_marker_reference(table: str | os.PathLike, *, name: str, output: str | os.PathLike, species: str = "human",
+                           version: str = "1") -> Path:
+    """Build a marker model directory (``kind: markers``) from a marker table CSV; see
+    :func:`dask_annot.markers.read_marker_table` for the columns."""
+    from .markers import marker_artifact, read_marker_table
+
+    table, output = Path(table), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
+    parsed = read_marker_table(table)
+    source = {"path": table.name, "sha256": _sha256_of(table)}
+    arrays, meta = marker_artifact(parsed, name=name, species=species, version=version, source=source)
+    meta["created_by"] = f"dask-annot {__version__}"
+    meta["ontology"] = {"release": CL_RELEASE}
+    return _write_artifact(output, arrays, meta)
 
 
 def reshard_reference(source: str | os.PathLike, output: str | os.PathLike, *, shard_cells: int) -> Path:

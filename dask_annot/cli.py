@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import __version__
-from .errors import DaskAnnotError
+from .errors import ConfigError, DaskAnnotError
 
 EXAMPLE = "data/example/pbmc4k_800cells.h5"
 
@@ -48,25 +48,41 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     from . import config, pipeline
 
     settings = config.resolve(k=a.k, chunk_cells=a.chunk_cells, knn_method=a.knn_method, layout=a.layout,
-                              consensus=a.consensus, force=a.force or None, **_cluster_settings(a))
+                              consensus=a.consensus, reject=a.reject, force=a.force or None, **_cluster_settings(a))
     if a.print_job_script:
         return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
     results = pipeline.run(a.id, matrix, models=pipeline.parse_model_specs(a.cell_annotation_model), output_dir=a.output_dir,
-                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet)
+                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet,
+                           allow_bins=a.allow_bins, cell_geometry=a.cell_geometry)
     for res in results:
         print(res.model_dir)
     return 0
 
 
 def _cmd_build_reference(a: argparse.Namespace) -> int:
-    from .build import build_reference
+    from .build import build_marker_reference, build_reference
+    from .errors import ConfigError
+    from .sources import open_reference_input
 
+    if a.markers:
+        if a.input or a.label_column or a.census:
+            raise ConfigError("build-reference: --markers builds a marker model from a table; leave out --input, --census and --label-column")
+        print(build_marker_reference(a.markers, name=a.name, output=a.output, species=a.species or "human", version=a.version))
+        return 0
+    if not a.input and not a.census:
+        raise ConfigError("build-reference needs --input (labelled cells: .h5ad files), --census FILTER (CELLxGENE Census), "
+                          "or --markers TABLE.csv (a marker model)")
+
+    cells = open_reference_input(a, log=_log)
+    if cells is None and not a.label_column:
+        raise ConfigError(f"{a.input[0]}: is not a CELLxGENE-schema .h5ad; pass --label-column with the obs column holding the cell type")
     out = build_reference(
-        a.input, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
+        a.input[0] if a.input else None, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
         dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
         species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
         shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
+        cells=cells, merge_same_term=a.merge_same_term,
     )
     print(out)
     return 0
@@ -106,12 +122,16 @@ def _cmd_models(a: argparse.Namespace) -> int:
     paths = [(n, p, "built-in") for n, p in builtin_models().items()] + [(Path(p).name, Path(p), "user") for p in a.paths]
     for name, path, kind in paths:
         m = load_model(path)
-        rows.append({"name": m.name, "kind": kind, "species": m.species, "cells": m.n_cells, "version": m.version,
-                     "labels": list(m.labels), "path": str(path)})
+        rows.append({"name": m.name, "kind": kind, "model_kind": m.kind, "species": m.species, "cells": m.n_cells, "version": m.version,
+                     "labels": list(m.labels), "organs": list(m.meta.get("organs", [])), "path": str(path)})
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
+            if r["model_kind"] == "markers":
+                organs = f", {len(r['organs'])} organs: {', '.join(r['organs'])}" if r["organs"] else ""
+                print(f"{r['name']}\t{r['kind']}\t{r['species']}\tmarkers\tv{r['version']}\t{len(r['labels'])} cell types{organs}")
+                continue
             print(f"{r['name']}\t{r['kind']}\t{r['species']}\t{r['cells']} cells\tv{r['version']}\t{len(r['labels'])} labels: {', '.join(r['labels'])}")
     return 0
 
@@ -156,7 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Label every cell of a count matrix and write Space Ranger's cell_types outputs.",
                         epilog="example: dask-annot annotate --id sample1 --matrix filtered_feature_bc_matrix.h5 --output-dir results")
     an.add_argument("--id", required=True, help="run name; outputs go to OUTPUT_DIR/ID/outs/segmented_outs/cell_types/")
-    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, or 'example'")
+    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, "
+                    "'example', or a Space Ranger outs/ (or segmented_outputs/) directory: its cell-segmented filtered matrix")
+    an.add_argument("--allow-bins", action="store_true",
+                    help="annotate Visium HD bins (barcodes s_008um_...) anyway; refused by default, as models are trained on cells")
+    an.add_argument("--cell-geometry", default=None,
+                    help="cell_segmentations.geojson for the tissue map and obsm['spatial'] (default: the one beside the matrix)")
     an.add_argument("--cell-annotation-model", default=None,
                     help="one or more models, comma-separated: auto (the built-in kNN model for the species), a built-in "
                          "model name, or a reference directory; each writes its own folder under cell_types/ "
@@ -172,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--consensus", default=None, choices=["auto", "spread", "none"],
                     help="label spreading of the votes over the query's own 15-NN graph; default auto: only when the "
                          "reference is small enough that k is capped (under 50,000 cells)")
+    an.add_argument("--reject", default=None, choices=["auto", "none"],
+                    help="auto (default): cells unlike the reference are 'Unassigned' and a call is only as deep as its "
+                         "calibrated probability supports; none: every cell gets a fine label (10x's semantics)")
     an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(func=_cmd_annotate)
@@ -179,8 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     br = sub.add_parser("build-reference", help="build a reference model from labelled counts",
                         description="Build a versioned reference (genes, normalization, PCA, embedding, labels, levels, index).",
                         epilog="example: dask-annot build-reference --input labelled.h5ad --label-column cell_type --name my_ref --output my_ref --ontology-map map.csv")
-    br.add_argument("--input", required=True, help=".h5ad with raw counts (or a 10x H5 with --labels)")
-    br.add_argument("--label-column", required=True, help="obs column (or --labels CSV column) holding the cell type")
+    br.add_argument("--input", nargs="+", help=".h5ad with raw counts (or a 10x H5 with --labels); or one or more "
+                    "CELLxGENE-schema .h5ad files, streamed into one reference")
+    br.add_argument("--label-column", default=None, help="obs column (or --labels CSV column) holding the cell type "
+                    "(CELLxGENE inputs: cell_type_ontology_term_id, the default)")
+    br.add_argument("--census", metavar="FILTER", default=None, help="build from the CELLxGENE Census: cells whose obs match "
+                    "FILTER, e.g. 'tissue_general == \"lung\" and is_primary_data == True' (needs dask-annot[census])")
+    br.add_argument("--organism", default="homo_sapiens", help="Census organism (default homo_sapiens)")
+    br.add_argument("--census-version", default=None, help="Census release (default: the latest stable)")
+    br.add_argument("--census-uri", default=None, help="a local or cloud SOMA store (a Census copy or one experiment) instead of the public Census")
+    br.add_argument("--obs-filter", default=None, help="CELLxGENE files: keep cells whose obs match this expression")
+    br.add_argument("--max-cells-per-type", type=int, default=None, help="CELLxGENE/Census: keep at most N cells per cell type "
+                    "(seeded by --seed, stratified by dataset)")
+    br.add_argument("--min-cells-per-type", type=int, default=None, help="CELLxGENE/Census: drop (and report) cell types with "
+                    "fewer cells (default 10)")
+    br.add_argument("--merge-same-term", action="store_true", help="allow labels mapped to the same Cell Ontology term to become one class")
+    br.add_argument("--markers", default=None, help="instead of --input: a marker table CSV (cell_type,ontology_id,gene[,sign,organ]); "
+                    "builds a marker model (see docs/marker-models.md)")
     br.add_argument("--name", required=True, help="model name (the output subdirectory of annotate)")
     br.add_argument("--output", required=True, help="new directory for the reference")
     br.add_argument("--ontology-map", default=None, help="CSV label,ontology_id mapping labels to Cell Ontology terms")

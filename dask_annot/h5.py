@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -227,6 +228,11 @@ def _open_v3(path: str, h5: h5py.File) -> MatrixInfo:
     )
     ge = np.flatnonzero(types == GENE_EXPRESSION).astype(np.int64)
     genomes = tuple(sorted({str(x) for x in genome[ge] if str(x)}))
+    if len(genomes) > 1:
+        raise InputFormatError(
+            f"{path}: a multi-genome matrix ({', '.join(genomes)}); dask-annot annotates one genome, "
+            "re-run Cell Ranger with a single-genome reference or split the matrix per genome"
+        )
     return MatrixInfo(
         path=path, layout="10x-h5-v3", n_cells=int(barcodes.size), barcodes=barcodes,
         feature_ids=ids[ge], feature_names=names[ge], genomes=genomes, ge_index=ge,
@@ -266,6 +272,58 @@ def _h5ad_strings(path: str, h5: h5py.File, key: str) -> np.ndarray:
     return np.asarray(values, dtype=object).astype(str).astype(object)
 
 
+_ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id")
+_SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name")
+
+
+def _h5ad_features(path: str, h5: h5py.File, var: str) -> tuple[np.ndarray, np.ndarray]:
+    """Feature ids and symbols of an h5ad ``var`` group.
+
+    An Ensembl ``var`` index (the CELLxGENE schema) is the id, with symbols from
+    ``feature_name`` / ``gene_symbols``; otherwise the index is the symbol, with ids from
+    ``gene_ids`` / ``feature_id`` / ``ensembl_id`` when present.
+    """
+    from .align import looks_like_ensembl
+
+    index = _h5ad_strings(path, h5, f"{var}/{h5[var].attrs.get('_index', '_index')}")
+    id_col = next((c for c in _ID_COLUMNS if c in h5[var]), None)
+    sym_col = next((c for c in _SYMBOL_COLUMNS if c in h5[var]), None)
+    if looks_like_ensembl(index) and sym_col:
+        return index, _h5ad_strings(path, h5, f"{var}/{sym_col}")
+    if id_col:
+        return _h5ad_strings(path, h5, f"{var}/{id_col}"), index
+    return index.copy(), index
+
+
+def _looks_normalized(path: str, h5: h5py.File, key: str) -> bool:
+    """True when the first stored values of matrix ``key`` include non-integers (a normalized or
+    log-transformed X); reads at most 100,000 values."""
+    obj = h5[key]
+    ds = obj if isinstance(obj, h5py.Dataset) else obj.get("data")
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f" or ds.size == 0:
+        return False
+    try:
+        sample = np.asarray(ds[: max(1, 100_000 // ds.shape[1])] if ds.ndim == 2 else ds[:100_000], dtype=np.float64)
+    except (OSError, RuntimeError) as exc:
+        raise CorruptInputError(f"{path}: reading '{key}' failed ({_short(exc)}); the .h5ad is damaged") from exc
+    return bool(np.any(sample != np.floor(sample)))
+
+
+def _counts_key(path: str, h5: h5py.File) -> tuple[str, str]:
+    """Where the raw counts are: (matrix key, var group). ``X`` unless it holds normalized
+    values; then ``layers/counts`` or ``raw/X`` (the CELLxGENE schema's place for them)."""
+    if not _looks_normalized(path, h5, "X"):
+        return "X", "var"
+    if "layers" in h5 and "counts" in h5["layers"]:
+        return "layers/counts", "var"
+    if "raw" in h5 and "X" in h5["raw"] and "var" in h5["raw"]:
+        return "raw/X", "raw/var"
+    raise InvalidCountsError(
+        f"{path}: X holds normalized (non-integer) values and the file has no raw.X or layers['counts']; "
+        "pass an .h5ad with raw UMI counts"
+    )
+
+
 def _open_h5ad(p: Path) -> MatrixInfo:
     path = str(p)
     with _open_h5(path) as h5:
@@ -273,49 +331,40 @@ def _open_h5ad(p: Path) -> MatrixInfo:
             if key not in h5:
                 raise InputFormatError(f"{path}: the .h5ad has no '{key}'; write it with anndata")
         obs_index = h5["obs"].attrs.get("_index", "_index")
-        var_index = h5["var"].attrs.get("_index", "_index")
         barcodes = _h5ad_strings(path, h5, f"obs/{obs_index}")
-        names = _h5ad_strings(path, h5, f"var/{var_index}")
-        ids = names.copy()
-        for col in ("gene_ids", "gene_id", "feature_id", "ensembl_id"):
-            if col in h5["var"]:
-                ids = _h5ad_strings(path, h5, f"var/{col}")
-                break
-        for col in ("gene_symbols", "gene_symbol", "feature_name"):
-            if col in h5["var"] and ids is not names:
-                names = _h5ad_strings(path, h5, f"var/{col}")
-                break
+        key, var = _counts_key(path, h5)
+        ids, names = _h5ad_features(path, h5, var)
         types = np.array([GENE_EXPRESSION] * names.size, dtype=object)
-        if "feature_types" in h5["var"]:
-            types = _h5ad_strings(path, h5, "var/feature_types")
-        X = h5["X"]
+        if "feature_types" in h5[var]:
+            types = _h5ad_strings(path, h5, f"{var}/feature_types")
+        X = h5[key]
         if isinstance(X, h5py.Dataset):
             if X.ndim != 2 or X.shape != (barcodes.size, names.size):
-                raise InputFormatError(f"{path}: X has shape {X.shape}, expected ({barcodes.size}, {names.size})")
+                raise InputFormatError(f"{path}: {key} has shape {X.shape}, expected ({barcodes.size}, {names.size})")
             orientation, nnz, indptr = "dense", int(X.shape[0] * X.shape[1]), None
         else:
             enc = X.attrs.get("encoding-type", "")
             enc = enc.decode() if isinstance(enc, bytes) else str(enc)
             shape = tuple(int(x) for x in X.attrs.get("shape", (-1, -1)))
             if shape != (barcodes.size, names.size):
-                raise InputFormatError(f"{path}: X has shape {shape}, expected ({barcodes.size}, {names.size})")
+                raise InputFormatError(f"{path}: {key} has shape {shape}, expected ({barcodes.size}, {names.size})")
             if enc not in ("csr_matrix", "csc_matrix"):
-                raise InputFormatError(f"{path}: X is encoded as '{enc}', expected a csr_matrix, csc_matrix or dense array")
-            indptr = _read_dataset(path, h5, "X/indptr").astype(np.int64)
+                raise InputFormatError(f"{path}: {key} is encoded as '{enc}', expected a csr_matrix, csc_matrix or dense array")
+            indptr = _read_dataset(path, h5, f"{key}/indptr").astype(np.int64)
             n_major = shape[0] if enc == "csr_matrix" else shape[1]
             n_minor = shape[1] if enc == "csr_matrix" else shape[0]
             fake_shape = np.array([n_minor, n_major])
             nnz = _check_csc_shape(
                 path, fake_shape, n_minor, n_major, indptr,
-                _dataset_len(path, h5, "X/data"), _dataset_len(path, h5, "X/indices"),
+                _dataset_len(path, h5, f"{key}/data"), _dataset_len(path, h5, f"{key}/indices"),
             )
             orientation = "cells_rows" if enc == "csr_matrix" else "cells_cols"
         ge = np.flatnonzero(types == GENE_EXPRESSION).astype(np.int64)
         return MatrixInfo(
             path=path, layout="h5ad", n_cells=int(barcodes.size), barcodes=barcodes,
             feature_ids=ids[ge], feature_names=names[ge], genomes=(), ge_index=ge,
-            n_features_total=int(names.size), nnz=nnz, group="X", orientation=orientation,
-            extra={"feature_types": sorted(set(types.tolist())), "indptr": indptr},
+            n_features_total=int(names.size), nnz=nnz, group=key, orientation=orientation,
+            extra={"feature_types": sorted(set(types.tolist())), "indptr": indptr, "counts": key},
         )
 
 
@@ -356,20 +405,197 @@ def _open_mex(d: Path) -> MatrixInfo:
     )
 
 
-def _load_mex(info: MatrixInfo) -> sp.csr_matrix:
-    import scipy.io
+def needs_row_copy(info: MatrixInfo) -> bool:
+    """True for layouts that store genes, not cells, contiguously (MEX, CSC h5ad): reading a
+    block of cells from them means reading the whole file, so they are copied once into
+    cell order (:func:`row_copy`) before being read block by block."""
+    return "rows" not in info.extra and (info.layout == "mex" or (info.layout == "h5ad" and info.orientation == "cells_cols"))
+
+
+def _mex_header(path: Path) -> tuple[int, int, int, int, bool]:
+    """(header lines, rows, cols, entries, integer) of a Matrix Market coordinate file."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt") as fh:
+            first = fh.readline()
+            if not first.startswith("%%MatrixMarket"):
+                raise InputFormatError(f"{path}: not a Matrix Market file (no %%MatrixMarket banner); pass Cell Ranger's matrix.mtx.gz")
+            banner = first.lower().split()
+            if "coordinate" not in banner or "pattern" in banner or "complex" in banner:
+                raise InputFormatError(f"{path}: a Matrix Market '{' '.join(banner[1:])}' file; counts must be a coordinate integer or real matrix")
+            n = 1
+            line = fh.readline()
+            while line.startswith("%"):
+                n += 1
+                line = fh.readline()
+            size = line.split()
+            if len(size) != 3:
+                raise InputFormatError(f"{path}: the size line '{line.strip()}' does not hold rows, columns and entries")
+            return n + 1, int(size[0]), int(size[1]), int(size[2]), "integer" in banner
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, InputFormatError):
+            raise
+        raise CorruptInputError(f"{path}: cannot be read as Matrix Market ({_short(exc)}); the file is damaged, copy it again") from exc
+
+
+def _mex_entries(path: Path, skip: int, integer: bool, chunk: int):
+    """(feature, cell, value) arrays of a Matrix Market file, ``chunk`` entries at a time (0-based)."""
+    import pandas as pd
 
     try:
-        m = scipy.io.mmread(info.group)
-    except (OSError, ValueError, EOFError) as exc:
-        raise CorruptInputError(f"{info.group}: cannot be read as Matrix Market ({_short(exc)})") from exc
-    m = sp.csr_matrix(m.T)
-    if m.shape != (info.n_cells, info.n_features_total):
-        raise InputFormatError(
-            f"{info.group}: the matrix is {m.shape[1]} x {m.shape[0]} but the directory lists "
-            f"{info.n_features_total} features and {info.n_cells} barcodes"
-        )
-    return m
+        reader = pd.read_csv(path, sep=" ", header=None, skiprows=skip, chunksize=chunk, usecols=[0, 1, 2],
+                             dtype={0: np.int64, 1: np.int64, 2: np.int64 if integer else np.float64}, engine="c")
+        for df in reader:
+            yield df[0].to_numpy() - 1, df[1].to_numpy() - 1, df[2].to_numpy()
+    except (OSError, EOFError, ValueError, pd.errors.ParserError) as exc:
+        raise CorruptInputError(f"{path}: cannot be read as Matrix Market ({_short(exc)}); the file is damaged, copy it again") from exc
+
+
+def _gene_major_entries(info: MatrixInfo, chunk: int):
+    """(feature, cell, value) arrays of a CSC h5ad's counts, about ``chunk`` entries at a time."""
+    indptr = info.extra["indptr"]
+    with _open_h5(info.path) as h5:
+        g = info.group
+        start = 0
+        while start < indptr.size - 1:
+            stop = int(np.searchsorted(indptr, indptr[start] + chunk, side="right")) - 1
+            stop = max(stop, start + 1)
+            lo, hi = int(indptr[start]), int(indptr[stop])
+            try:
+                cells, values = h5[f"{g}/indices"][lo:hi], h5[f"{g}/data"][lo:hi]
+            except (OSError, RuntimeError, KeyError) as exc:
+                raise CorruptInputError(f"{info.path}: reading '{g}' failed ({_short(exc)}); the file is damaged or truncated") from exc
+            genes = np.repeat(np.arange(start, stop, dtype=np.int64), np.diff(indptr[start : stop + 1]))
+            yield genes, cells.astype(np.int64), values
+            start = stop
+
+
+def _parsed_entries(d: Path, value_dtype: np.dtype, n: int, chunk: int):
+    """(feature, cell, value) chunks back from the binary files the first pass wrote."""
+    with open(d / "parsed.f", "rb") as ff, open(d / "parsed.c", "rb") as fc, open(d / "parsed.v", "rb") as fv:
+        for _ in range(0, n, chunk):
+            yield (np.fromfile(ff, dtype=np.int32, count=chunk).astype(np.int64), np.fromfile(fc, dtype=np.int32, count=chunk).astype(np.int64),
+                   np.fromfile(fv, dtype=value_dtype, count=chunk))
+
+
+def row_copy(info: MatrixInfo, directory: str | os.PathLike, *, chunk: int = 1_000_000) -> MatrixInfo:
+    """Copy a gene-major matrix (MEX, CSC h5ad) once into cell order under ``directory``.
+
+    Two streaming passes (count the entries of each cell; place each entry at its cell's
+    next free slot in memory-mapped arrays), so memory holds one chunk of entries plus two
+    integers per cell, whatever the matrix size. Returns a :class:`MatrixInfo` whose
+    :func:`read_cells` reads from the copy; the caller owns ``directory``.
+    """
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    n_cells, n_feat = info.n_cells, info.n_features_total
+    if info.layout == "mex":
+        mtx = Path(info.group)
+        skip, rows, cols, n_entries, integer = _mex_header(mtx)
+        if (rows, cols) != (n_feat, n_cells):
+            raise InputFormatError(
+                f"{mtx}: the matrix is {rows} x {cols} but the directory lists {n_feat} features and {n_cells} barcodes"
+            )
+        entries = lambda: _mex_entries(mtx, skip, integer, chunk)  # noqa: E731
+        value_dtype = np.int64 if integer else np.float64
+    else:
+        entries = lambda: _gene_major_entries(info, chunk)  # noqa: E731
+        with _open_h5(info.path) as h5:
+            value_dtype = h5[f"{info.group}/data"].dtype
+        n_entries = int(info.extra["indptr"][-1])
+    # a MEX is text: parse it once, keeping the entries in binary files for the second pass
+    keep_parsed = info.layout == "mex"
+    parsed = [open(d / f"parsed.{k}", "wb") for k in ("f", "c", "v")] if keep_parsed else []
+    per_cell = np.zeros(n_cells, dtype=np.int64)
+    seen = 0
+    for feat, cell, val in entries():
+        bad = (feat < 0) | (feat >= n_feat) | (cell < 0) | (cell >= n_cells)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputFormatError(
+                f"{info.path}: entry {seen + i + 1} is at feature {feat[i] + 1}, barcode {cell[i] + 1}, outside the "
+                f"{n_feat} x {n_cells} matrix; it is inconsistent, regenerate it"
+            )
+        per_cell += np.bincount(cell, minlength=n_cells)
+        seen += feat.size
+        if keep_parsed:
+            for fh, arr in zip(parsed, (feat.astype(np.int32), cell.astype(np.int32), val.astype(value_dtype))):
+                arr.tofile(fh)
+    for fh in parsed:
+        fh.close()
+    if keep_parsed:
+        entries = lambda vt=np.dtype(value_dtype), n=seen: _parsed_entries(d, vt, n, chunk)  # noqa: E731
+    if seen != n_entries:
+        raise InputFormatError(f"{info.path}: holds {seen} entries but its header says {n_entries}; the file is truncated, copy it again")
+    indptr = np.zeros(n_cells + 1, dtype=np.int64)
+    np.cumsum(per_cell, out=indptr[1:])
+    del per_cell
+    if np.dtype(value_dtype).kind in "iu":
+        value_dtype = np.int32  # counts beyond int32 are refused when read (_validated)
+    data = _Spill(d / "data.bin", value_dtype, seen)
+    indices = _Spill(d / "indices.bin", np.int32, seen)
+    nxt = indptr[:-1].copy()
+    for feat, cell, val in entries():
+        order = np.argsort(cell, kind="stable")
+        c = cell[order]
+        starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
+        sizes = np.diff(np.r_[starts, c.size])
+        pos = nxt[c] + (np.arange(c.size) - np.repeat(starts, sizes))
+        v = val[order]
+        if value_dtype == np.int32 and v.size and (v.max() > MAX_COUNT or v.min() < np.iinfo(np.int32).min):
+            raise InvalidCountsError(f"{info.path}: a count of {v.max() if v.max() > MAX_COUNT else v.min()} is outside the supported range")
+        data.put(pos, v)
+        indices.put(pos, feat[order])
+        nxt[c[starts]] += sizes
+    data.close()
+    indices.close()
+    for k in ("f", "c", "v"):
+        (d / f"parsed.{k}").unlink(missing_ok=True)
+    np.save(d / "indptr.npy", indptr)
+    return replace(info, orientation="cells_rows", nnz=seen,
+                   extra={**info.extra, "indptr": indptr, "rows": str(d), "rows_dtype": np.dtype(value_dtype).str})
+
+
+class _Spill:
+    """A file of ``n`` values written at scattered positions through a shared memory map whose
+    pages are handed back to the OS after every chunk, so resident memory stays one chunk's."""
+
+    def __init__(self, path: Path, dtype, n: int):
+        import mmap
+
+        self._mmap_mod = mmap
+        self.dtype = np.dtype(dtype)
+        self._fh = open(path, "w+b")
+        size = max(1, n) * self.dtype.itemsize
+        self._fh.truncate(size)
+        self._mm = mmap.mmap(self._fh.fileno(), size)
+        self._arr = np.frombuffer(self._mm, dtype=self.dtype)
+
+    def put(self, pos: np.ndarray, values: np.ndarray) -> None:
+        self._arr[pos] = values
+        self._mm.flush()
+        if hasattr(self._mm, "madvise"):
+            self._mm.madvise(self._mmap_mod.MADV_DONTNEED)
+
+    def close(self) -> None:
+        del self._arr
+        self._mm.close()
+        self._fh.close()
+
+
+def check_counts(values: np.ndarray, *, where: str) -> None:
+    """Refuse values that are not raw UMI counts (NaN, fractions, negatives, beyond int32), naming ``where``."""
+    v = np.asarray(values)
+    if v.dtype.kind == "f":
+        if not np.all(np.isfinite(v)):
+            raise InvalidCountsError(f"{where}: counts include NaN or infinite values; pass raw UMI counts")
+        if np.any(v != np.floor(v)):
+            raise InvalidCountsError(f"{where}: counts include non-integer values (e.g. {v[v != np.floor(v)][0]:g}); "
+                                     "dask-annot needs raw UMI counts, not normalized or log values")
+    if v.size and v.min() < 0:
+        raise InvalidCountsError(f"{where}: counts include negative values (e.g. {v.min()}); pass raw UMI counts")
+    if v.size and v.max() > MAX_COUNT:
+        raise InvalidCountsError(f"{where}: a count of {v.max()} exceeds the supported {MAX_COUNT}")
 
 
 def _validated(info: MatrixInfo, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_cols: int, first_cell: int) -> sp.csr_matrix:
@@ -408,6 +634,12 @@ def _validated(info: MatrixInfo, data: np.ndarray, indices: np.ndarray, indptr: 
     return block
 
 
+def _read_spill(path: Path, dtype: np.dtype, lo: int, hi: int) -> np.ndarray:
+    with open(path, "rb") as fh:
+        fh.seek(lo * dtype.itemsize)
+        return np.fromfile(fh, dtype=dtype, count=hi - lo)
+
+
 def read_cells(info: MatrixInfo, start: int, stop: int) -> sp.csr_matrix:
     """Cells ``start:stop`` as CSR (cells x Gene Expression features, int32), validated.
 
@@ -415,9 +647,16 @@ def read_cells(info: MatrixInfo, start: int, stop: int) -> sp.csr_matrix:
     """
     start, stop = int(start), int(min(stop, info.n_cells))
     n_cols = info.n_features_total
-    if info.layout == "mex":
-        whole = _load_mex(info)[start:stop]
-        return _validated(info, whole.data, whole.indices, whole.indptr, n_cols, start)
+    if "rows" in info.extra:
+        indptr = info.extra["indptr"][start : stop + 1]
+        lo, hi = int(indptr[0]), int(indptr[-1])
+        d = Path(info.extra["rows"])
+        data = _read_spill(d / "data.bin", np.dtype(info.extra["rows_dtype"]), lo, hi)
+        indices = _read_spill(d / "indices.bin", np.dtype(np.int32), lo, hi)
+        return _validated(info, data, indices, indptr, n_cols, start)
+    if needs_row_copy(info):
+        with tempfile.TemporaryDirectory(prefix="dask-annot-rows-") as tmp:
+            return read_cells(row_copy(info, tmp), start, stop)
     with _open_h5(info.path) as h5:
         g = info.group
         try:
@@ -425,12 +664,6 @@ def read_cells(info: MatrixInfo, start: int, stop: int) -> sp.csr_matrix:
                 dense = np.asarray(h5[g][start:stop])
                 block = sp.csr_matrix(dense)
                 return _validated(info, block.data, block.indices, block.indptr.astype(np.int64), n_cols, start)
-            if info.orientation == "cells_cols" and info.layout == "h5ad":
-                whole = sp.csc_matrix(
-                    (h5[f"{g}/data"][()], h5[f"{g}/indices"][()], h5[f"{g}/indptr"][()]),
-                    shape=(info.n_cells, n_cols),
-                ).tocsr()[start:stop]
-                return _validated(info, whole.data, whole.indices, whole.indptr.astype(np.int64), n_cols, start)
             indptr = info.extra["indptr"][start : stop + 1]
             lo, hi = int(indptr[0]), int(indptr[-1])
             data = h5[f"{g}/data"][lo:hi]

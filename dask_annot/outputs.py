@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -146,46 +147,85 @@ def cell_types_csv(barcodes: np.ndarray, calls: np.ndarray, umi: np.ndarray, mod
     return buf.getvalue()
 
 
-def json_block(nbrs: np.ndarray, model, barcodes: np.ndarray) -> bytes:
+EVIDENCE_BATCH_CELLS = 1024
+"""Cells per evidence sub-batch: the kernel's working arrays hold ``batch x k`` neighbours, so
+its memory is bounded by ``k``, whatever the number of labels, datasets or cells in the chunk."""
+
+
+def evidence_memory_bytes(chunk_cells: int, *, k: int) -> int:
+    """A generous bound on :func:`json_block`'s peak memory for one chunk.
+
+    Per neighbour of one sub-batch: about eight int64 working arrays, their Python lists and
+    the JSON text of its (label, dataset) entry (~512 bytes, Python objects included); plus
+    the compressed output of the whole chunk (~32 bytes per neighbour at worst, when every
+    neighbour is its own entry).
+    """
+    batch = min(chunk_cells, EVIDENCE_BATCH_CELLS)
+    return int(batch * k * 512 + chunk_cells * k * 32)
+
+
+def _evidence_entries(idx: np.ndarray, label_codes: np.ndarray, dataset_codes: np.ndarray, ds_rank: np.ndarray,
+                      n_labels: int, n_ds: int) -> tuple[np.ndarray, ...]:
+    """The distinct (cell, label, dataset) neighbour counts of a block, in output order.
+
+    Returns ``cell, label, dataset, count, label_total`` per entry, sorted by cell, then
+    label total descending, label code, dataset count descending, dataset name. Sizes
+    grow with the neighbours present, never with ``cells x labels x datasets``.
+    """
+    valid = idx >= 0
+    rows = np.broadcast_to(np.arange(idx.shape[0], dtype=np.int64)[:, None], idx.shape)[valid]
+    ref = idx[valid]
+    key = (rows * n_labels + label_codes[ref].astype(np.int64)) * n_ds + dataset_codes[ref].astype(np.int64)
+    uniq, cnt = np.unique(key, return_counts=True)
+    ds = uniq % n_ds
+    cl = uniq // n_ds  # cell * n_labels + label, sorted
+    starts = np.flatnonzero(np.r_[True, cl[1:] != cl[:-1]])
+    tot = np.add.reduceat(cnt, starts) if len(cnt) else cnt
+    tot_e = np.repeat(tot, np.diff(np.r_[starts, len(cl)]))
+    cell, lab = cl // n_labels, cl % n_labels
+    order = np.lexsort((ds_rank[ds], -cnt, lab, -tot_e, cell))
+    return cell[order], lab[order], ds[order], cnt[order], tot_e[order]
+
+
+def json_block(nbrs: np.ndarray, model, barcodes: np.ndarray, *, batch_cells: int = EVIDENCE_BATCH_CELLS) -> bytes:
     """One chunk's cells as gzip-compressed JSON objects joined by commas (a gzip member).
 
     Pure: the driver concatenates the members between ``[`` and ``]``; concatenated
     gzip members are one valid gzip stream. The text is assembled from pre-escaped
-    names (it is the same as ``json.dumps`` with compact separators).
+    names (it is the same as ``json.dumps`` with compact separators). Cells are taken
+    ``batch_cells`` at a time and only the (label, dataset) pairs present among the
+    neighbours are counted, so memory is bounded by ``batch_cells x k``; the bytes do not
+    depend on ``batch_cells``.
     """
     n_labels, n_ds = len(model.labels), len(model.datasets)
-    idx = nbrs["idx"]
-    valid = idx >= 0
-    safe = np.where(valid, idx, 0)
-    code = model.label_codes[safe].astype(np.int64) * n_ds + model.dataset_codes[safe]
-    flat = (np.arange(idx.shape[0])[:, None] * (n_labels * n_ds) + code)[valid]
-    counts = np.bincount(flat, minlength=idx.shape[0] * n_labels * n_ds).reshape(idx.shape[0], n_labels, n_ds)
-    totals = counts.sum(axis=2)
+    idx = np.asarray(nbrs["idx"])
+    label_codes = np.asarray(model.label_codes)
+    dataset_codes = np.asarray(model.dataset_codes)
     label_txt = [json.dumps(x) for x in model.labels]
     ds_txt = [json.dumps(x) for x in model.datasets]
-    # per cell: labels by count desc then label order; datasets by count desc then name
-    order_l = np.lexsort((np.broadcast_to(np.arange(n_labels), totals.shape), -totals), axis=1).tolist()
-    totals_l = totals.tolist()
-    ds_rank = np.argsort(np.argsort(np.array(model.datasets, dtype=object)))
-    single = n_ds == 1
-    parts = []
-    for i, bc in enumerate(barcodes.tolist() if isinstance(barcodes, np.ndarray) else list(barcodes)):
-        row_t = totals_l[i]
-        matches = []
-        for lab in order_l[i]:
-            t = row_t[lab]
-            if t == 0:
-                break
-            if single:
-                dsj = f'{{"count_per_dataset":{t},"dataset_id":{ds_txt[0]}}}'
-            else:
-                per_ds = counts[i, lab]
-                nz = np.flatnonzero(per_ds)
-                nz = nz[np.lexsort((ds_rank[nz], -per_ds[nz]))]
-                dsj = ",".join(f'{{"count_per_dataset":{int(per_ds[d])},"dataset_id":{ds_txt[d]}}}' for d in nz)
-            matches.append(f'{{"cell_count_in_model":{t},"cell_type":{label_txt[lab]},"dataset_ids_with_counts":[{dsj}]}}')
-        parts.append(f'{{"barcode":{json.dumps(str(bc))},"matches":[{",".join(matches)}]}}')
-    return gzip.compress(",".join(parts).encode(), compresslevel=4, mtime=0)
+    ds_rank = np.argsort(np.argsort(np.array(model.datasets, dtype=object))) if n_ds else np.zeros(0, dtype=np.int64)
+    bcs = barcodes.tolist() if isinstance(barcodes, np.ndarray) else list(barcodes)
+    comp = zlib.compressobj(4, zlib.DEFLATED, 31)
+    out = []
+    for b0 in range(0, idx.shape[0], max(1, batch_cells)):
+        block = idx[b0:b0 + batch_cells]
+        cell, lab, ds, cnt, tot = (a.tolist() for a in _evidence_entries(block, label_codes, dataset_codes, ds_rank, n_labels, n_ds))
+        parts = []
+        j, n_e = 0, len(cell)
+        for i in range(block.shape[0]):
+            matches = []
+            while j < n_e and cell[j] == i:
+                lb, t = lab[j], tot[j]
+                dsj = []
+                while j < n_e and cell[j] == i and lab[j] == lb:
+                    dsj.append(f'{{"count_per_dataset":{cnt[j]},"dataset_id":{ds_txt[ds[j]]}}}')
+                    j += 1
+                matches.append(f'{{"cell_count_in_model":{t},"cell_type":{label_txt[lb]},"dataset_ids_with_counts":[{",".join(dsj)}]}}')
+            parts.append(f'{{"barcode":{json.dumps(str(bcs[b0 + i]))},"matches":[{",".join(matches)}]}}')
+        text = ",".join(parts)
+        out.append(comp.compress(((',' if b0 else '') + text).encode()))
+    out.append(comp.flush())
+    return b"".join(out)
 
 
 def json_results(members: list[bytes]) -> bytes:

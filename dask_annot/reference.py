@@ -60,6 +60,7 @@ class Model:
     dataset_codes: np.ndarray
     datasets: tuple[str, ...]
     meta: dict = field(repr=False)
+    extra: dict = field(default_factory=dict, repr=False)  # arrays of optional sections, e.g. conf_* (dask_annot.confidence)
     target_sum: float = 1e4
     clip: float = 10.0
 
@@ -252,5 +253,6 @@ def load_reference(path: str | os.PathLike) -> Model:
         mean=arrays["mean"], std=arrays["std"], loadings=arrays["loadings"], embedding=arrays["embedding"],
         label_codes=arrays["label_codes"], labels=labels, levels=levels,
         dataset_codes=arrays["dataset_codes"], datasets=tuple(meta["datasets"]), meta=meta,
+        extra={k: v for k, v in arrays.items() if k.startswith("conf_")},
         target_sum=float(norm["target_sum"]), clip=float(norm["clip"]),
     )

@@ -156,6 +156,12 @@ def _append_block(block, start: int, stop: int, nnz: int, data, indices, indptr,
 
 
 def _write(info: h5.MatrixInfo, tmp: Path, fp: dict, cells_per_block: int) -> None:
+    if h5.needs_row_copy(info):  # MEX / CSC h5ad: copied once into cell order, not re-read per block
+        rows = tmp.with_name(tmp.name + ".rows")
+        try:
+            return _write(h5.row_copy(info, rows), tmp, fp, cells_per_block)
+        finally:
+            shutil.rmtree(rows, ignore_errors=True)
     root = zarr.open_group(tmp, mode="w", zarr_format=3)
     x = root.create_group("X")
     cap = max(info.nnz, 1) if info.nnz >= 0 else 1 << 20

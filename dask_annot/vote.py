@@ -15,6 +15,17 @@ import dask.array as da
 import numba
 import numpy as np
 
+SMALL_REFERENCE_CELLS = 50_000
+"""Below this many cells a reference is small: the vote is class-balanced and the consensus
+runs (``--consensus auto``). Keyed on the reference, not on ``--k`` (issue 13 item 3): it is
+where :func:`dask_annot.knn.neighbourhood` starts capping 10x's k of 500."""
+
+
+def small_reference(n_reference_cells: int) -> bool:
+    """Whether a reference of this size gets the class-balanced vote (see :data:`SMALL_REFERENCE_CELLS`)."""
+    return n_reference_cells < SMALL_REFERENCE_CELLS
+
+
 VOTE_DTYPE = np.dtype([("fine", np.int32), ("count", np.int32), ("prob", np.float32), ("n_neighbors", np.int32)])
 
 

@@ -52,9 +52,12 @@ def test_import_stays_cheap():
 
 
 def test_path_gives_the_command_line_labels(from_path, cli_result):
-    pd.testing.assert_frame_equal(from_path, cli_result)
+    pd.testing.assert_frame_equal(from_path[cli_result.columns], cli_result)
     assert from_path.index.name == "barcode"
-    assert list(from_path.columns) == ["coarse_cell_type", "fine_cell_type", "cell_count_in_model", "coarse_cell_type_unfiltered", "umi_count"]
+    assert list(from_path.columns) == ["coarse_cell_type", "fine_cell_type", "cell_count_in_model", "coarse_cell_type_unfiltered", "umi_count",
+                                       "final_level_softmax_prob", "rejected"]  # the last two: issue 11
+    assert (from_path["rejected"] == (from_path["fine_cell_type"] == "Unassigned")).all()
+    assert from_path["final_level_softmax_prob"].between(0, 1).all()
     meta = from_path.attrs["dask_annot"]
     assert meta["model_dir"] is None  # outputs were in a temporary directory, now gone
     assert meta["run"]["reference"]["name"] == "human_pbmc_v1"
@@ -120,8 +123,11 @@ def test_normalized_x_is_refused_and_layer_used(from_path):
 def test_hierarchical_layout_and_k(tmp_path):
     df = dask_annot.annotate("example", layout="hierarchical", k=15, quiet=True)
     assert list(df.columns) == ["broad_cell_type", "coarse_cell_type", "fine_cell_type", "full_hierarchical_labels",
-                                "final_level_softmax_prob", "coarse_cell_type_unfiltered", "umi_count"]
+                                "final_level_softmax_prob", "coarse_cell_type_unfiltered", "umi_count", "rejected"]
     assert df.attrs["dask_annot"]["run"]["parameters"]["k_used"] == 15
+    # the small-reference rule is keyed on the reference (3,500 cells), not on --k (issue 13.3)
+    assert df.attrs["dask_annot"]["run"]["parameters"]["vote"].startswith("class-balanced")
+    assert df.attrs["dask_annot"]["run"]["parameters"]["consensus"]["applied"] is True
     assert df["final_level_softmax_prob"].between(0, 1).all()
 
 

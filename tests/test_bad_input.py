@@ -203,7 +203,7 @@ def test_no_gene_expression_features(tmp_path):
 def test_too_few_genes_shared_with_the_reference(tmp_path):
     code, _, err = annotate(FORMATS / "scp_cr6.1_500pbmc_50genes_587cells.h5", tmp_path / "out", "--cell-annotation-model", "human_pbmc_v1")
     line = one_error_line(err)
-    assert code == 8 and "of the 1000 genes of model 'human_pbmc_v1' are present (matched by symbol)" in line, line
+    assert code == 8 and "of the 1000 genes of model 'human_pbmc_v1' are present (matched by ensembl id)" in line, line
 
 
 @case

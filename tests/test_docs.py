@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 SHELL_LANGS = {"console", "bash", "sh", "shell"}
 DISPLAY_LANGS = {"text", "json", "yaml", "csv", "", "r", "R", "python-console"}
-REQUIRED_PAGES = ("quickstart", "own-sample", "build-reference", "cluster", "outputs", "confidence", "comparison", "loupe")
+REQUIRED_PAGES = ("quickstart", "own-sample", "build-reference", "cluster", "outputs", "confidence", "comparison", "loupe", "cellxgene")
 PAGE_TIMEOUT = 1200
 
 

@@ -143,3 +143,126 @@ def test_store_is_reused_and_never_confused_with_another_input(tmp_path):
     assert (tmp_path / "s.zarr" / "zarr.json").stat().st_mtime_ns == mtime
     with pytest.raises(DaskAnnotError, match="another input"):
         store.convert(b, tmp_path / "s.zarr")
+
+
+# ---------------------------------------------------------------- issue 13 items 5-6, issue 14
+
+def _pbmc272():
+    info = h5.open_matrix(FORMATS / "scp_cr6.1_500pbmc_50genes_272cells.h5")
+    return info, h5.read_cells(info, 0, info.n_cells)
+
+
+def test_v3_file_with_two_genomes_is_refused(tmp_path):
+    import h5py
+    import shutil
+
+    p = tmp_path / "barnyard.h5"
+    shutil.copy(FORMATS / "scp_cr6.1_500pbmc_50genes_272cells.h5", p)
+    with h5py.File(p, "r+") as f:
+        g = f["matrix/features/genome"][()]
+        g[: g.size // 2] = b"mm10"
+        del f["matrix/features/genome"]
+        f["matrix/features/genome"] = g
+    with pytest.raises(InputFormatError, match=r"multi-genome matrix \(GRCh38, mm10\).*single-genome"):
+        h5.open_matrix(p)
+
+
+def _write_mex(d, info, X, *, shuffle_rng=None, drop_last=False):
+    d.mkdir()
+    coo = sp.coo_matrix(X.T)
+    r, c, v = coo.row, coo.col, coo.data
+    if shuffle_rng is not None:
+        o = shuffle_rng.permutation(r.size)
+        r, c, v = r[o], c[o], v[o]
+    n = r.size
+    with gzip.open(d / "matrix.mtx.gz", "wt") as fh:
+        fh.write("%%MatrixMarket matrix coordinate integer general\n%metadata_json: {}\n")
+        fh.write(f"{X.shape[1]} {X.shape[0]} {n}\n")
+        for a, b, x in zip(r[: n - 1 if drop_last else n], c, v):
+            fh.write(f"{a + 1} {b + 1} {x}\n")
+    with gzip.open(d / "features.tsv.gz", "wt") as fh:
+        fh.writelines(f"{i}\t{n}\tGene Expression\n" for i, n in zip(info.feature_ids, info.feature_names))
+    with gzip.open(d / "barcodes.tsv.gz", "wt") as fh:
+        fh.writelines(f"{b}\n" for b in info.barcodes)
+    return d
+
+
+@pytest.mark.parametrize("entries_per_chunk", [1, 333, 4_000_000])
+def test_mex_in_any_entry_order_is_copied_once_into_cell_order(tmp_path, rng, entries_per_chunk):
+    info, X = _pbmc272()
+    mex = h5.open_matrix(_write_mex(tmp_path / "mex", info, X, shuffle_rng=rng))
+    assert h5.needs_row_copy(mex)
+    rows = h5.row_copy(mex, tmp_path / "rows", chunk=entries_per_chunk)
+    assert not h5.needs_row_copy(rows) and rows.nnz == X.nnz
+    parts = [h5.read_cells(rows, a, b) for a, b in [(0, 1), (1, 100), (100, 272)]]
+    assert (sp.vstack(parts) != X).nnz == 0
+
+
+def test_truncated_mex_is_refused(tmp_path):
+    info, X = _pbmc272()
+    mex = h5.open_matrix(_write_mex(tmp_path / "mex", info, X, drop_last=True))
+    with pytest.raises(InputFormatError, match=r"header says .*truncated"):
+        h5.row_copy(mex, tmp_path / "rows")
+
+
+def test_mex_store_equals_the_h5_store(tmp_path):
+    info, X = _pbmc272()
+    mex_dir = _write_mex(tmp_path / "mex", info, X, shuffle_rng=np.random.default_rng(3))
+    st = store.convert(mex_dir, tmp_path / "s.zarr", cells_per_block=50)
+    assert (sp.csr_matrix(store.counts_array(st, chunk_cells=64).compute(scheduler="threads")) != X).nnz == 0
+    assert not list(tmp_path.glob(".s.zarr*")), "the cell-order copy is removed after conversion"
+
+
+def test_csc_h5ad_reads_block_by_block_from_one_copy(tmp_path):
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    info, X = _pbmc272()
+    a = ad.AnnData(X=sp.csc_matrix(X), obs=pd.DataFrame(index=list(info.barcodes)),
+                   var=pd.DataFrame({"gene_ids": list(info.feature_ids)}, index=list(info.feature_names)))
+    a.write_h5ad(tmp_path / "csc.h5ad")
+    got = h5.open_matrix(tmp_path / "csc.h5ad")
+    assert got.orientation == "cells_cols" and h5.needs_row_copy(got)
+    rows = h5.row_copy(got, tmp_path / "rows", chunk=100)
+    assert (sp.vstack([h5.read_cells(rows, 0, 5), h5.read_cells(rows, 5, 272)]) != X).nnz == 0
+    st = store.convert(tmp_path / "csc.h5ad", tmp_path / "s.zarr", cells_per_block=40)
+    assert (sp.csr_matrix(store.counts_array(st, chunk_cells=100).compute(scheduler="threads")) != X).nnz == 0
+
+
+def _cellxgene_like(info, X, *, where: str):
+    """An AnnData as CELLxGENE writes it: Ensembl var index, feature_name symbols, log-normalized X,
+    the counts in raw.X (or layers['counts'])."""
+    import anndata as ad
+    import pandas as pd
+
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    norm = sp.csr_matrix(sp.diags(1e4 / np.maximum(lib, 1)) @ X.astype(np.float32))
+    norm.data = np.log1p(norm.data)
+    var = pd.DataFrame({"feature_name": list(info.feature_names)}, index=list(info.feature_ids))
+    a = ad.AnnData(X=norm.astype(np.float32), obs=pd.DataFrame(index=list(info.barcodes)), var=var)
+    if where == "raw":
+        a.raw = ad.AnnData(X=X.astype(np.float32), obs=a.obs, var=var)
+    elif where == "layers":
+        a.layers["counts"] = X.astype(np.float32)
+    return a
+
+
+@pytest.mark.parametrize("where", ["raw", "layers"])
+def test_normalized_x_reads_the_raw_counts_and_ensembl_index(tmp_path, where):
+    pytest.importorskip("anndata")
+    info, X = _pbmc272()
+    _cellxgene_like(info, X, where=where).write_h5ad(tmp_path / "c.h5ad")
+    got = h5.open_matrix(tmp_path / "c.h5ad")
+    assert got.extra["counts"] == ("raw/X" if where == "raw" else "layers/counts")
+    assert list(got.feature_ids) == list(info.feature_ids) and list(got.feature_names) == list(info.feature_names)
+    assert (h5.read_cells(got, 0, 272) != X).nnz == 0
+
+
+def test_normalized_x_without_counts_is_refused(tmp_path):
+    pytest.importorskip("anndata")
+    from dask_annot.errors import InvalidCountsError
+
+    info, X = _pbmc272()
+    _cellxgene_like(info, X, where="none").write_h5ad(tmp_path / "c.h5ad")
+    with pytest.raises(InvalidCountsError, match=r"normalized .* no raw.X or layers\['counts'\]"):
+        h5.open_matrix(tmp_path / "c.h5ad")

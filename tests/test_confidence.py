@@ -1,0 +1,164 @@
+"""Confidence (issue 11): the novelty test on real data, the calibration map, --reject none,
+and determinism across schedulers and chunk sizes."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from dask_annot import confidence, config, consensus, pipeline
+from dask_annot.build import build_reference
+from dask_annot.errors import ConfigError
+from dask_annot.outputs import DEPTH_NONE
+
+from .conftest import shared_path
+
+MAPS = Path(__file__).resolve().parent.parent / "dask_annot" / "data" / "maps"
+
+
+def _subset_h5ad(src: Path, out: Path, column: str, per_label: dict[str, int], seed: int) -> Path:
+    """A seeded per-label sample of a real labelled h5ad (raw counts kept as they are)."""
+    import anndata as ad
+
+    a = ad.read_h5ad(src)
+    rng = np.random.default_rng(seed)
+    lab = a.obs[column].astype(str).to_numpy()
+    pick = np.sort(np.concatenate([rng.choice(np.flatnonzero(lab == k), n, replace=False) for k, n in per_label.items()]))
+    sub = a[pick].copy()
+    sub.write_h5ad(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def leave_out(tmp_path_factory):
+    """Sorted PBMC without B and monocytes (2,500 cells) and a pbmc4k sample holding both absent
+    (B, MNP) and present (T, NK) cells."""
+    tmp = tmp_path_factory.mktemp("conf")
+    query = _subset_h5ad(shared_path("data", "pbmc4k_soupx", "pbmc4k_2170cells_soupx_labels.h5ad"), tmp / "query.h5ad", "Annotation",
+                         {"B": 80, "MNP": 80, "T_CD4": 200, "T_CD8": 120, "NK": 80}, seed=2)
+    ref = build_reference(shared_path("data", "pbmc_sorted_zheng2017", "pbmc_sorted_3500.h5ad"), label_column="trueLabel",
+                          name="sorted_noB", output=tmp / "ref", ontology_map=MAPS / "pbmc_sorted_zheng2017.csv",
+                          exclude_labels=("B", "Monocyte"))
+    import anndata as ad
+
+    truth = ad.read_h5ad(query, backed="r").obs["Annotation"].astype(str).to_numpy()
+    return {"ref": ref, "query": query, "truth": truth, "tmp": tmp}
+
+
+def _run(lo, run_id, **flags):
+    client = flags.pop("client", None)
+    settings = config.resolve(scheduler="threads", **flags)
+    return pipeline.annotate(run_id, lo["query"], model=str(lo["ref"]), output_dir=lo["tmp"] / "runs", settings=settings,
+                             log=lambda m: None, client=client)
+
+
+def test_cells_of_absent_types_are_unassigned_and_present_ones_keep_labels(leave_out):
+    res = _run(leave_out, "auto", layout="hierarchical")
+    rejected = res.calls["depth"] == DEPTH_NONE
+    truth = leave_out["truth"]
+    absent, present = np.isin(truth, ["B", "MNP"]), np.isin(truth, ["T_CD4", "T_CD8", "NK"])
+    assert rejected[absent].mean() >= 0.9, rejected[absent].mean()
+    assert (~rejected[present]).mean() >= 0.95, (~rejected[present]).mean()
+    import pandas as pd
+
+    df = pd.read_csv(res.model_dir / "cell_types.csv", keep_default_na=False)
+    un = df["fine_cell_type"] == "Unassigned"
+    assert un.to_numpy().tolist() == rejected.tolist()
+    assert (df.loc[un, "coarse_cell_type_unfiltered"] == "Unassigned").all()
+    assert (df.loc[un, "broad_cell_type"].isin(["Unassigned", "Low UMI Barcode"])).all()
+    rec = res.record["confidence"]
+    assert rec["applied"] and rec["rejected"] == int(rejected.sum())
+    assert sum(v["rejected"] for v in rec["rejected_by_nearest_type"].values()) == rec["rejected"]
+    assert set(rec["thresholds"]) == set(json.loads((leave_out["ref"] / "reference.json").read_text())["labels"])
+    # the probability is a probability and the levels use Azimuth's vocabulary
+    assert ((df["final_level_softmax_prob"] >= 0) & (df["final_level_softmax_prob"] <= 1)).all()
+    nca = df["fine_cell_type"] == "Fine Not Confidently Annotated"
+    assert (res.calls["depth"][nca.to_numpy()] < 3).all()
+
+
+def test_calibration_map_is_monotone_and_its_ece_small(leave_out):
+    sec = json.loads((leave_out["ref"] / "reference.json").read_text())["confidence"]["calibration"]
+    assert "stratified random" in sec["folds"]
+    for level in ("fine", "coarse"):
+        x, y = np.asarray(sec[level]["x"]), np.asarray(sec[level]["y"])
+        assert np.all(np.diff(x) >= 0) and np.all(np.diff(y) >= 0)  # a jump is two knots at one x
+        grid = np.linspace(-0.5, 1.5, 401)
+        mapped = confidence.apply_map(sec[level], grid)
+        assert np.all(np.diff(mapped) >= 0) and mapped.min() >= 0 and mapped.max() <= 1
+        assert sec[level]["ece"] <= 0.1
+        assert sum(b["cells"] for b in sec[level]["curve"]) == sec["cells_scored"] == 2500
+
+
+def test_reject_none_is_the_old_behaviour(leave_out, tmp_path):
+    """--reject none writes what a reference without a confidence section (the behaviour before
+    issue 11) writes, byte for byte."""
+    old_ref = tmp_path / "old_ref"
+    shutil.copytree(leave_out["ref"], old_ref)
+    meta = json.loads((old_ref / "reference.json").read_text())
+    del meta["confidence"]
+    (old_ref / "reference.json").write_text(json.dumps(meta))
+    none = _run(leave_out, "none", reject="none")
+    settings = config.resolve(scheduler="threads")
+    old = pipeline.annotate("old", leave_out["query"], model=str(old_ref), output_dir=tmp_path / "runs", settings=settings, log=lambda m: None)
+    assert (none.model_dir / "cell_types.csv").read_bytes() == (old.model_dir / "cell_types.csv").read_bytes()
+    assert not (none.calls["depth"] == DEPTH_NONE).any()
+    assert old.record["confidence"]["applied"] is False and none.record["confidence"]["applied"] is False
+
+
+def test_same_calls_with_threads_and_local_cluster_and_any_chunk_size(leave_out, local_cluster_client):
+    a = _run(leave_out, "det-threads", layout="hierarchical")
+    b = _run(leave_out, "det-cluster", layout="hierarchical", chunk_cells=37, client=local_cluster_client)
+    assert (a.model_dir / "cell_types.csv").read_bytes() == (b.model_dir / "cell_types.csv").read_bytes()
+    assert a.record["confidence"]["rejected"] == b.record["confidence"]["rejected"]
+
+
+def test_reject_must_be_auto_or_none():
+    with pytest.raises(ConfigError, match="--reject must be auto or none"):
+        config.resolve(reject="maybe")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def test_pooled_load_handles_missing_neighbours_and_zero_depth():
+    foreign = np.array([0.0, 10.0, 0.0, 5.0])
+    depth = np.array([0.0, 100.0, 0.0, 50.0])
+    nbr = np.array([[-1, -1], [3, -1], [0, 2], [1, 1]])
+    load = confidence.pooled_load(foreign, depth, nbr)
+    assert load[0] == 0.0 and load[2] == 0.0  # no depth at all: no evidence, not NaN
+    assert load[1] == pytest.approx(15 / 150) and load[3] == pytest.approx(25 / 250)
+    assert np.array_equal(confidence.pooled_load(foreign, depth, None), np.divide(foreign, depth, out=np.zeros(4), where=depth > 0))
+
+
+def test_foreign_stats_count_only_repeated_foreign_genes_and_measured_depth():
+    block = sp.csr_matrix(np.array([[1, 2, 0, 7], [3, 0, 1, 0], [0, 0, 0, 0]]))
+    f, depth = confidence._stats_block(block, np.array([0, 2]), np.array([0, 1, 2]))
+    assert f.toarray().tolist() == [[0.0, 0.0], [3.0, 0.0], [0.0, 0.0]] and depth.tolist() == [3.0, 4.0, 0.0]
+
+
+def test_a_gene_every_neighbourhood_expresses_is_background():
+    """Two groups of 20 cells: a gene only the first group expresses counts in full; one every
+    cell expresses at the same rate is the query's background and counts for nothing."""
+    n = 40
+    nbr = np.array([[(i + 1) % 20 + 20 * (i // 20), (i + 2) % 20 + 20 * (i // 20)] for i in range(n)])
+    grouped = np.where(np.arange(n) < 20, 4.0, 0.0)
+    everywhere = np.full(n, 2.0)
+    E = sp.csr_matrix(np.stack([grouped, everywhere], axis=1))
+    excess, depth, rate = confidence.background_excess(E, np.full(n, 100.0), nbr)
+    assert rate[0] == 0.0 and rate[1] == pytest.approx(0.02)
+    assert depth.tolist() == [300.0] * n
+    np.testing.assert_allclose(excess, np.where(np.arange(n) < 20, 12.0, 0.0))
+
+
+def test_spreading_skips_rejected_cells():
+    p0 = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    nbr = np.array([[1, 2], [0, 2], [0, 1]])
+    keep = np.array([True, False, True])
+    p = consensus.spread(p0, nbr, keep=keep)
+    assert p[1].tolist() == [0.0, 0.0]
+    # cell 0 hears only cell 2 and cell 2 only cell 0: what cell 1 says never arrives
+    p_without = consensus.spread(p0[[0, 2]], np.array([[1, -1], [0, -1]]))
+    np.testing.assert_allclose(p[[0, 2]], p_without)
