@@ -3,7 +3,7 @@
 
 One command (from the repository root)::
 
-    nice python benchmarks/bench_atlas.py [--ref-cells 1000000] [--query-cells 1200000] [--sample 2000]
+    nice -n 10 python benchmarks/bench_atlas.py [--ref-cells 1000000] [--query-cells 1200000] [--sample 2000]
 
 What it does, writing ``benchmarks/results/atlas.{json,md}``:
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-workers", action="store_true", help="no 1 vs 2 worker runs")
     p.add_argument("--work-dir", default=str(HERE / "results" / "work"))
     p.add_argument("--out-dir", default=str(HERE / "results"))
-    p.add_argument("--nice", type=int, default=10)
+    p.add_argument("--nice", type=int, default=0, help="niceness increment (default 0: start it with `nice -n 10`)")
     a = p.parse_args(argv)
     if a.nice:
         os.nice(a.nice)

@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="split the reference into shards of this many cells, each with its own files (default: "
                          "1,000,000 above 400,000 cells, else unsharded)")
     br.add_argument("--ivf-lists", type=int, default=None, help="inverted lists of the ivf search (default: about 1 per 1,000 cells)")
-    br.add_argument("--ivf-probes", type=int, default=None, help="lists probed per query cell by the ivf search (default 24)")
+    br.add_argument("--ivf-probes", type=int, default=None, help="lists probed per query cell by the ivf search (default 48)")
     br.set_defaults(func=_cmd_build_reference)
 
     rs = sub.add_parser("reshard-reference", help="split a built reference into shards (same search, new shard files)")
