@@ -6,6 +6,11 @@
     labels = dask_annot.annotate(adata)            # a DataFrame like cell_types.csv, by barcode
     dask_annot.add_to_anndata(adata, labels)       # .obs columns and .obsm["X_dask_annot_pca"]
 
+    # Visium HD: pass Space Ranger's outs/; the cell-segmented matrix and its geometry are used
+    labels = dask_annot.annotate("run/outs")
+    adata = anndata.io.read_h5ad(...) or sc.read_10x_h5("run/outs/segmented_outputs/filtered_feature_cell_matrix.h5")
+    dask_annot.add_to_anndata(adata, labels)       # also .obsm["spatial"], .uns["spatial"] (sc.pl.spatial, squidpy)
+
 :func:`annotate` runs the same pipeline as ``dask-annot annotate`` (an AnnData is
 written to a temporary ``.h5ad`` first), on the threaded scheduler or on the
 ``distributed.Client`` passed in, and returns ``cell_types.csv`` as a DataFrame.
@@ -49,6 +54,8 @@ def annotate(
     chunk_cells: int | None = None,
     force: bool = False,
     quiet: bool = False,
+    allow_bins: bool = False,
+    cell_geometry: str | os.PathLike | None = None,
 ) -> "pd.DataFrame":
     """Label every cell; returns ``cell_types.csv`` as a DataFrame indexed by barcode.
 
@@ -85,6 +92,9 @@ def annotate(
         As ``--chunk-cells`` and ``--force`` of the command line.
     quiet
         No progress messages on stderr.
+    allow_bins, cell_geometry
+        As ``--allow-bins`` and ``--cell-geometry`` (Visium HD; a Space Ranger ``outs/`` may be
+        passed as the path).
 
     Returns
     -------
@@ -93,7 +103,8 @@ def annotate(
         ``barcode`` (the index). ``.attrs["dask_annot"]`` holds the run record
         (``run``), the model directory (``model_dir``, ``None`` when not kept) and the
         first two reference PCs of each cell (``embedding2d``), which
-        :func:`add_to_anndata` stores in ``.obsm``.
+        :func:`add_to_anndata` stores in ``.obsm``; for Visium HD with cell geometry, also
+        ``spatial`` (centroids in full-resolution pixels, scale factors, low-res image).
     """
     from . import config, pipeline
     from .summary import read_cell_types
@@ -105,7 +116,7 @@ def annotate(
         matrix = _as_matrix_path(adata_or_path, Path(tmp), layer=layer)
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"
         res = pipeline.annotate(run_id, matrix, model=model, output_dir=out, settings=settings, log=log, progress=False,
-                                client=client)
+                                client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)
         df = read_cell_types(res.model_dir / "cell_types.csv").set_index("barcode")
         emb = res.embedding2d
     df.attrs["dask_annot"] = {
@@ -113,6 +124,9 @@ def annotate(
         "model_dir": str(res.model_dir) if output_dir is not None else None,
         "embedding2d": np.asarray(emb, dtype=np.float32),
     }
+    if res.positions is not None:
+        df.attrs["dask_annot"]["spatial"] = {"library_id": run_id, "xy": res.positions.xy,
+                                             "scalefactors": res.positions.scalefactors, "lowres": res.positions.lowres}
     return df
 
 
@@ -123,6 +137,12 @@ def add_to_anndata(adata: Any, df: "pd.DataFrame", *, embedding: np.ndarray | No
     numbers. Rows are matched by barcode, so ``adata`` may be in any order, but every
     cell of it needs a row. The embedding (``embedding``, else the one ``annotate`` kept in
     ``df.attrs``; rows in ``df``'s order) goes to ``.obsm["X_<key_prefix>dask_annot_pca"]``.
+
+    Visium HD (``annotate`` read cell geometry): each cell's centroid in full-resolution
+    tissue-image pixels goes to ``.obsm["spatial"]`` and ``.uns["spatial"][library_id]``
+    gets ``images["lowres"]`` and ``scalefactors`` (Space Ranger's, plus
+    ``spot_diameter_fullres``: a typical cell's diameter), the layout ``sc.pl.spatial``
+    and squidpy read.
     """
     import pandas as pd
 
@@ -151,6 +171,18 @@ def add_to_anndata(adata: Any, df: "pd.DataFrame", *, embedding: np.ndarray | No
         if emb.ndim != 2 or emb.shape[0] != len(df):
             raise InputFormatError(f"embedding has shape {emb.shape}; expected one row per result row ({len(df)}, n)")
         adata.obsm[OBSM_KEY.format(prefix=key_prefix)] = emb[pos]
+    spatial = (df.attrs.get("dask_annot") or {}).get("spatial")
+    if spatial is not None:
+        xy = np.asarray(spatial["xy"], dtype=np.float64)
+        if xy.shape != (len(df), 2):
+            raise InputFormatError(f"spatial positions have shape {xy.shape}; expected ({len(df)}, 2); pass the DataFrame "
+                                   "returned by dask_annot.annotate")
+        adata.obsm["spatial"] = xy[pos]
+        lib = {"images": {}, "scalefactors": dict(spatial.get("scalefactors") or {}),
+               "metadata": {"source": "dask-annot: cell centroids from cell_segmentations.geojson"}}
+        if spatial.get("lowres") is not None:
+            lib["images"]["lowres"] = np.asarray(spatial["lowres"])
+        adata.uns.setdefault("spatial", {})[str(spatial.get("library_id") or "dask_annot")] = lib
 
 
 def write_loupe_csv(cell_types: Any, output: str | os.PathLike, *, column: str = "coarse_cell_type", group_name: str | None = None) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, h5, knn
+from . import __version__, confidence, h5, knn
 from .errors import ConfigError, InputFormatError
 from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
 from .ontology import CL_RELEASE, levels_for, read_ontology_map
@@ -272,6 +272,9 @@ def build_reference(
     gene_id_table: str | os.PathLike | None = None,
     cells: LabelledCells | None = None,
     merge_same_term: bool = False,
+    shard_cells: int | None = None,
+    ivf_lists: int | None = None,
+    ivf_probes: int | None = None,
 ) -> Path:
     """Build a kNN reference directory from labelled raw counts; returns its path.
 
@@ -323,9 +326,11 @@ def build_reference(
     else:
         datasets = [name]
         dataset_codes = np.zeros(n, dtype=np.int32)
-    method = knn.choose_method(n, knn_method)
+    shard_files, shard_meta = knn.plan_shards(embedding, n_cells=n, knn_method=knn_method, shard_cells=shard_cells,
+                                              ivf_lists=ivf_lists, ivf_probes=ivf_probes, seed=seed)
+    method = knn.choose_method(n, knn_method, has_ivf=bool(shard_meta and shard_meta["ivf"]))
     knn_meta = {"method": method, "seed": seed, "n_neighbors": 30, "epsilon": 0.2}
-    extra_files = {}
+    extra_files = dict(shard_files)
     if method == "ann":
         def write_index(path: Path) -> None:
             index = knn.build_ann_index(embedding, seed=seed, n_neighbors=knn_meta["n_neighbors"])
@@ -359,8 +364,31 @@ def build_reference(
         "ontology": {"release": CL_RELEASE, "mapped": any(lv.ontology_id for lv in raw_levels.values())},
         "datasets": list(datasets),
         "knn": knn_meta,
+        **({"shards": shard_meta} if shard_meta else {}),
     }
+    # novelty thresholds and calibration maps (see dask_annot.confidence)
+    meta["confidence"] = confidence.fit(
+        lambda: (cells.read(a, b)[sel] for a, b, sel in cells.kept_blocks(cells_per_block)), label_codes=label_codes,
+        labels=fine_names, levels=[levels_by_fine[f] for f in fine_names], embedding=embedding, dataset_codes=dataset_codes,
+        n_datasets=len(datasets), n_genes=int(cells.gene_ids.size), seed=seed)
     return _write_artifact(output, arrays, meta, extra_files=extra_files)
+
+
+def build_marker_reference(table: str | os.PathLike, *, name: str, output: str | os.PathLike, species: str = "human",
+                           version: str = "1") -> Path:
+    """Build a marker model directory (``kind: markers``) from a marker table CSV; see
+    :func:`dask_annot.markers.read_marker_table` for the columns."""
+    from .markers import marker_artifact, read_marker_table
+
+    table, output = Path(table), Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"{output}: exists and is not empty; choose a new --output directory for the reference")
+    parsed = read_marker_table(table)
+    source = {"path": table.name, "sha256": _sha256_of(table)}
+    arrays, meta = marker_artifact(parsed, name=name, species=species, version=version, source=source)
+    meta["created_by"] = f"dask-annot {__version__}"
+    meta["ontology"] = {"release": CL_RELEASE}
+    return _write_artifact(output, arrays, meta)
 
 
 def _sha256_of(p: Path) -> str:

@@ -48,20 +48,30 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     from . import config, pipeline
 
     settings = config.resolve(k=a.k, chunk_cells=a.chunk_cells, knn_method=a.knn_method, layout=a.layout,
-                              consensus=a.consensus, force=a.force or None, **_cluster_settings(a))
+                              consensus=a.consensus, reject=a.reject, force=a.force or None, **_cluster_settings(a))
     if a.print_job_script:
         return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
     results = pipeline.run(a.id, matrix, models=pipeline.parse_model_specs(a.cell_annotation_model), output_dir=a.output_dir,
-                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet)
+                           settings=settings, log=_log, progress=sys.stderr.isatty() and not a.quiet,
+                           allow_bins=a.allow_bins, cell_geometry=a.cell_geometry)
     for res in results:
         print(res.model_dir)
     return 0
 
 
 def _cmd_build_reference(a: argparse.Namespace) -> int:
-    from .build import build_reference
+    from .build import build_marker_reference, build_reference
     from .sources import open_reference_input
+
+    if a.markers:
+        if a.input or a.label_column or a.census is not None:
+            raise ConfigError("build-reference: --markers builds a marker model from a table; leave out --input, --census and --label-column")
+        print(build_marker_reference(a.markers, name=a.name, output=a.output, species=a.species or "human", version=a.version))
+        return 0
+    if not a.input and a.census is None:
+        raise ConfigError("build-reference needs --input and --label-column (a kNN model from labelled cells), CELLxGENE files "
+                          "(--input A.h5ad [B.h5ad ...]), --census FILTER, or --markers TABLE.csv")
 
     cells = open_reference_input(a, log=_log)
     if cells is None and not a.label_column:
@@ -71,6 +81,7 @@ def _cmd_build_reference(a: argparse.Namespace) -> int:
         dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
         species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
         cells=cells, merge_same_term=a.merge_same_term,
+        shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
     )
     print(out)
     return 0
@@ -103,12 +114,16 @@ def _cmd_models(a: argparse.Namespace) -> int:
     paths = [(n, p, "built-in") for n, p in builtin_models().items()] + [(Path(p).name, Path(p), "user") for p in a.paths]
     for name, path, kind in paths:
         m = load_model(path)
-        rows.append({"name": m.name, "kind": kind, "species": m.species, "cells": m.n_cells, "version": m.version,
-                     "labels": list(m.labels), "path": str(path)})
+        rows.append({"name": m.name, "kind": kind, "model_kind": m.kind, "species": m.species, "cells": m.n_cells, "version": m.version,
+                     "labels": list(m.labels), "organs": list(m.meta.get("organs", [])), "path": str(path)})
     if a.json:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
+            if r["model_kind"] == "markers":
+                organs = f", {len(r['organs'])} organs: {', '.join(r['organs'])}" if r["organs"] else ""
+                print(f"{r['name']}\t{r['kind']}\t{r['species']}\tmarkers\tv{r['version']}\t{len(r['labels'])} cell types{organs}")
+                continue
             print(f"{r['name']}\t{r['kind']}\t{r['species']}\t{r['cells']} cells\tv{r['version']}\t{len(r['labels'])} labels: {', '.join(r['labels'])}")
     return 0
 
@@ -153,7 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Label every cell of a count matrix and write Space Ranger's cell_types outputs.",
                         epilog="example: dask-annot annotate --id sample1 --matrix filtered_feature_bc_matrix.h5 --output-dir results")
     an.add_argument("--id", required=True, help="run name; outputs go to OUTPUT_DIR/ID/outs/segmented_outs/cell_types/")
-    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, or 'example'")
+    an.add_argument("--matrix", required=True, help="10x H5 (v3 or legacy), .h5ad with raw counts, MEX directory, a store from `convert`, "
+                    "'example', or a Space Ranger outs/ (or segmented_outputs/) directory: its cell-segmented filtered matrix")
+    an.add_argument("--allow-bins", action="store_true",
+                    help="annotate Visium HD bins (barcodes s_008um_...) anyway; refused by default, as models are trained on cells")
+    an.add_argument("--cell-geometry", default=None,
+                    help="cell_segmentations.geojson for the tissue map and obsm['spatial'] (default: the one beside the matrix)")
     an.add_argument("--cell-annotation-model", default=None,
                     help="one or more models, comma-separated: auto (the built-in kNN model for the species), a built-in "
                          "model name, or a reference directory; each writes its own folder under cell_types/ "
@@ -162,12 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_flags(an)
     an.add_argument("--k", type=int, default=None, help="neighbours per cell (default 500; capped for small references)")
     an.add_argument("--chunk-cells", type=int, default=None, help="cells per Dask chunk (default 10000; labels do not depend on it)")
-    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann"],
-                    help="neighbour search: exact (BLAS screen + float64), ann (pynndescent); default auto: exact up to 400,000 reference cells")
+    an.add_argument("--knn-method", default=None, choices=["auto", "exact", "ann", "ivf"],
+                    help="neighbour search: exact (BLAS screen + float64), ivf (inverted lists, exact re-scoring), ann (pynndescent); "
+                         "default auto: exact up to 400,000 reference cells, then ivf if the reference has lists")
     an.add_argument("--layout", default=None, choices=["cloud", "hierarchical"], help="cell_types.csv columns (default cloud)")
     an.add_argument("--consensus", default=None, choices=["auto", "spread", "none"],
                     help="label spreading of the votes over the query's own 15-NN graph; default auto: only when the "
                          "reference is small enough that k is capped (under 50,000 cells)")
+    an.add_argument("--reject", default=None, choices=["auto", "none"],
+                    help="auto (default): cells unlike the reference are 'Unassigned' and a call is only as deep as its "
+                         "calibrated probability supports; none: every cell gets a fine label (10x's semantics)")
     an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(func=_cmd_annotate)
@@ -190,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--min-cells-per-type", type=int, default=None, help="CELLxGENE/Census: drop (and report) cell types with "
                     "fewer cells (default 10)")
     br.add_argument("--merge-same-term", action="store_true", help="allow labels mapped to the same Cell Ontology term to become one class")
+    br.add_argument("--markers", default=None, help="instead of --input: a marker table CSV (cell_type,ontology_id,gene[,sign,organ]); "
+                    "builds a marker model (see docs/marker-models.md)")
     br.add_argument("--name", required=True, help="model name (the output subdirectory of annotate)")
     br.add_argument("--output", required=True, help="new directory for the reference")
     br.add_argument("--ontology-map", default=None, help="CSV label,ontology_id mapping labels to Cell Ontology terms")
@@ -201,8 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     br.add_argument("--n-hvg", type=int, default=1000, help="highly variable genes (default 1000)")
     br.add_argument("--n-pcs", type=int, default=30, help="principal components (default 30)")
     br.add_argument("--seed", type=int, default=0, help="seed for the ANN index")
-    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann"],
-                    help="search the model is built for; ann stores a pynndescent index (default: by size, ann above 400,000 cells)")
+    br.add_argument("--knn-method", default="auto", choices=["auto", "exact", "ann", "ivf"],
+                    help="search the model is built for; ann stores a pynndescent index, ivf inverted lists "
+                         "(default: by size, ivf above 400,000 cells)")
+    br.add_argument("--shard-cells", type=int, default=None,
+                    help="split the reference into shards of this many cells, each with its own files (default: "
+                         "1,000,000 above 400,000 cells, else unsharded)")
+    br.add_argument("--ivf-lists", type=int, default=None, help="inverted lists of the ivf search (default: about 1 per 1,000 cells)")
+    br.add_argument("--ivf-probes", type=int, default=None, help="lists probed per query cell by the ivf search (default 24)")
     br.set_defaults(func=_cmd_build_reference)
 
     cv = sub.add_parser("convert", help="convert a matrix into a reusable zarr store",

@@ -51,6 +51,7 @@ class Settings:
     ann_epsilon: float = 0.2
     layout: str = "cloud"
     consensus: str = "auto"
+    reject: str = "auto"
     scheduler: str = "auto"
     n_workers: int | None = None
     threads_per_worker: int = 1
@@ -81,10 +82,12 @@ def resolve(**flags: Any) -> Settings:
         raise ConfigError(f"--k must be at least 1, got {s.k}")
     if int(s.chunk_cells) < 1:
         raise ConfigError(f"--chunk-cells must be at least 1, got {s.chunk_cells}")
-    if s.knn_method not in ("auto", "exact", "ann"):
-        raise ConfigError(f"--knn-method must be auto, exact or ann, got '{s.knn_method}'")
+    if s.knn_method not in ("auto", "exact", "ann", "ivf"):
+        raise ConfigError(f"--knn-method must be auto, exact, ivf or ann, got '{s.knn_method}'")
     if s.consensus not in ("auto", "spread", "none"):
         raise ConfigError(f"--consensus must be auto, spread or none, got '{s.consensus}'")
+    if s.reject not in ("auto", "none"):
+        raise ConfigError(f"--reject must be auto or none, got '{s.reject}'")
     if s.layout not in ("cloud", "hierarchical"):
         raise ConfigError(f"--layout must be cloud or hierarchical, got '{s.layout}'")
     return dataclasses.replace(s, k=int(s.k), chunk_cells=int(s.chunk_cells))

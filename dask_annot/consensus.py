@@ -216,7 +216,7 @@ def query_graph(st: store.StoreInfo, k: int = GRAPH_K) -> Delayed:
 
 
 @numba.njit(cache=True)
-def _spread(p0, nbr, alpha, iterations):  # pragma: no cover - compiled
+def _spread(p0, nbr, keep, alpha, iterations):  # pragma: no cover - compiled
     n, L = p0.shape
     k = nbr.shape[1]
     p = p0.copy()
@@ -224,11 +224,14 @@ def _spread(p0, nbr, alpha, iterations):  # pragma: no cover - compiled
     acc = np.empty(L, dtype=np.float64)
     for _ in range(iterations):
         for i in range(n):
+            if not keep[i]:
+                new[i] = 0.0
+                continue
             acc[:] = 0.0
             m = 0
             for j in range(k):
                 r = nbr[i, j]
-                if r >= 0:
+                if r >= 0 and keep[r]:
                     acc += p[r]
                     m += 1
             if m == 0:
@@ -239,38 +242,59 @@ def _spread(p0, nbr, alpha, iterations):  # pragma: no cover - compiled
     return p
 
 
-def spread(p0: np.ndarray, nbr: np.ndarray, *, alpha: float = ALPHA, iterations: int = ITERATIONS) -> np.ndarray:
-    """Label spreading of per-cell label distributions ``p0`` (cells x labels) over the graph ``nbr``."""
+def spread(p0: np.ndarray, nbr: np.ndarray, *, alpha: float = ALPHA, iterations: int = ITERATIONS,
+           keep: np.ndarray | None = None) -> np.ndarray:
+    """Label spreading of per-cell label distributions ``p0`` (cells x labels) over the graph ``nbr``.
+
+    ``keep`` (bool per cell, default all): cells outside it (rejected as unlike the
+    reference) neither send nor receive evidence; their rows of the result are zero.
+    """
     p0 = np.ascontiguousarray(p0, dtype=np.float64)
     if p0.shape[0] == 0:
         return p0
-    return _spread(p0, np.ascontiguousarray(nbr, dtype=np.int64), float(alpha), int(iterations))
+    keep = np.ones(p0.shape[0], dtype=np.bool_) if keep is None else np.ascontiguousarray(keep, dtype=np.bool_)
+    p0 = np.where(keep[:, None], p0, 0.0)
+    return _spread(p0, np.ascontiguousarray(nbr, dtype=np.int64), keep, float(alpha), int(iterations))
 
 
-def apply(votes: np.ndarray, counts: np.ndarray, p0: np.ndarray, graph: dict, *, log=print) -> tuple[np.ndarray, dict]:
+def apply(votes: np.ndarray, counts: np.ndarray, p0: np.ndarray, graph: dict, *, log=print,
+          keep: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Votes relabelled by label spreading over the query graph (:func:`query_graph`'s
-    result), and what was done (for run.json).
+    result), and what was done (for run.json). See :func:`apply_with_scores`."""
+    out, rec, _ = apply_with_scores(votes, counts, p0, graph, log=log, keep=keep)
+    return out, rec
+
+
+def apply_with_scores(votes: np.ndarray, counts: np.ndarray, p0: np.ndarray, graph: dict, *, log=print,
+                      keep: np.ndarray | None = None) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Votes relabelled by label spreading, what was done (for run.json), and the per-label
+    shares behind the labels (cells x labels; ``p0`` where nothing was spread).
 
     ``fine`` becomes the largest spread share (ties to the first label); ``count``
     the neighbours in the reference carrying it (``cell_count_in_model``, as 10x);
-    ``prob`` its spread share. A cell with no evidence at all keeps its vote.
+    ``prob`` its spread share. A cell with no evidence at all keeps its vote, and so
+    does a cell outside ``keep`` (rejected: it is written ``Unassigned``), which also
+    lends no evidence to its neighbours.
     """
     rec = parameters()
     if graph["nbr"] is None:
         rec.update(applied=False, reason=f"no query graph ({graph['how']})")
         log(f"consensus skipped: {graph['how']}")
-        return votes, rec
-    p = spread(p0, graph["nbr"])
+        return votes, rec, np.asarray(p0, dtype=np.float64)
+    keep_mask = np.ones(len(votes), dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    p = spread(p0, graph["nbr"], keep=keep_mask)
     total = p.sum(axis=1)
     fine = np.argmax(p, axis=1).astype(np.int32)
-    has = total > 0
+    has = (total > 0) & keep_mask
     out = votes.copy()
     out["fine"] = np.where(has, fine, votes["fine"])
     rows = np.arange(len(out))
     out["count"] = counts[rows, out["fine"]]
     share = np.divide(p[rows, out["fine"]], total, out=np.zeros(len(out)), where=has)
     out["prob"] = np.where(has, share, votes["prob"]).astype(np.float32)
+    p = np.where(has[:, None], np.divide(p, total[:, None], out=np.zeros_like(p), where=total[:, None] > 0), p0)
     changed = int(np.count_nonzero(out["fine"] != votes["fine"]))
-    rec.update(applied=True, graph_search=graph["how"], pcs_used=graph["pcs"], cells_relabelled=changed)
+    rec.update(applied=True, graph_search=graph["how"], pcs_used=graph["pcs"], cells_relabelled=changed,
+               cells_held_out=int((~keep_mask).sum()))
     log(f"consensus: label spreading over the query's {graph['how']} {GRAPH_K}-NN graph relabelled {changed} of {len(out)} cells")
-    return out, rec
+    return out, rec, p

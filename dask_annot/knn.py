@@ -12,15 +12,18 @@ found) and ``dist`` (float32, ``inf`` there), sorted by (distance, index).
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Literal
 
 import dask.array as da
 import numba
 import numpy as np
 
+from . import refcache
 from .normalize import check_cell_chunked
 
-Method = Literal["exact", "ann"]
+Method = Literal["exact", "ann", "ivf"]
 EXACT_MAX_REFERENCE_CELLS = 400_000
 ANN_BATCH_CELLS = 2048
 # exact search: query cells per BLAS tile, reference cells per tile, and the screen
@@ -42,20 +45,23 @@ def neighbor_dtype(k: int) -> np.dtype:
     return np.dtype([("idx", np.int32, (k,)), ("dist", np.float32, (k,))])
 
 
-def choose_method(n_reference_cells: int, requested: str = "auto") -> Method:
+def choose_method(n_reference_cells: int, requested: str = "auto", *, has_ivf: bool = False) -> Method:
     """The search for a reference size: ``exact`` up to :data:`EXACT_MAX_REFERENCE_CELLS`
-    reference cells, ``ann`` (pynndescent) above.
+    reference cells, above it ``ivf`` when the reference has inverted lists (see
+    :func:`shard_files`), else ``ann`` (pynndescent).
 
     Measured against a 100,000-cell reference at k=500, one thread per chunk
     (benchmarks/bench_scale.py): exact 2.9 s per 10k query cells; faiss' flat index
     (float32) took 8.8 s, pynndescent 12.2 s. The exact search releases the GIL, so
     it scales with Dask threads; pynndescent's search does not.
     """
-    if requested in ("exact", "ann"):
+    if requested in ("exact", "ann", "ivf"):
         return requested  # type: ignore[return-value]
     if requested not in ("auto", None):
-        raise ValueError(f"unknown kNN method {requested!r}: auto, exact or ann")
-    return "exact" if n_reference_cells <= EXACT_MAX_REFERENCE_CELLS else "ann"
+        raise ValueError(f"unknown kNN method {requested!r}: auto, exact, ivf or ann")
+    if n_reference_cells <= EXACT_MAX_REFERENCE_CELLS:
+        return "exact"
+    return "ivf" if has_ivf else "ann"
 
 
 def screen_arrays(embedding_unit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +131,25 @@ def _top_k_rows(vals: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, 
 
 
 def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
+    """Exact k nearest reference cells as neighbour records (see :func:`_exact_top`)."""
+    n_ref = np.asarray(model.embedding_unit).shape[0]
+    vals, ids = _exact_top(q, model, min(k, n_ref))
+    return _records_from_dots(vals, ids, k)
+
+
+def _records_from_dots(vals: np.ndarray, ids: np.ndarray, k_out: int) -> np.ndarray:
+    """Neighbour records from float64 cosine similarities ordered by (value desc, index asc)."""
+    n, k = vals.shape
+    out = np.empty(n, dtype=neighbor_dtype(k_out))
+    found = np.isfinite(vals)
+    out["idx"][:, :k] = np.where(found, ids, -1)
+    out["dist"][:, :k] = np.where(found, np.sqrt(np.maximum(2.0 - 2.0 * np.where(found, vals, 1.0), 0.0)), np.inf)
+    out["idx"][:, k:] = -1
+    out["dist"][:, k:] = np.inf
+    return out
+
+
+def _exact_top(q: np.ndarray, model, k: int, offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest reference cells (cosine), in float64, ties by reference index.
 
     A float32 BLAS pass over the whole reference screens candidates: each query's
@@ -138,7 +163,7 @@ def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
     """
     ref64 = np.ascontiguousarray(model.embedding_unit)  # a no-op on the Model's (C-ordered) array
     n_ref = ref64.shape[0]
-    k_out, k = k, min(k, n_ref)
+    k = min(k, n_ref)
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
     ref_t32, sample_t32 = model.screen_arrays
     n = q64.shape[0]
@@ -146,8 +171,8 @@ def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
     stride = n_ref / n_sample
     m = int(np.ceil(2 * k / stride)) + 2
     cap = int(min(n_ref, max(4096, 8 * k)))
-    out_idx = np.empty((n, k), np.int32)
-    out_dist = np.empty((n, k), np.float64)
+    out_idx = np.empty((n, k), np.int64)
+    out_val = np.empty((n, k), np.float64)
     for lo in range(0, n, _Q_TILE):
         qs64 = q64[lo : lo + _Q_TILE]
         qs = qs64.astype(np.float32)
@@ -177,13 +202,8 @@ def _exact_block(q: np.ndarray, model, k: int) -> np.ndarray:
             full = _full_dots(qs64[redo], ref64)
             vals[redo], ids[redo] = _top_k_rows(full, np.broadcast_to(np.arange(n_ref, dtype=np.int32), full.shape), k)
         out_idx[lo : lo + nq] = ids
-        out_dist[lo : lo + nq] = np.sqrt(np.maximum(2.0 - 2.0 * vals, 0.0))
-    out = np.empty(n, dtype=neighbor_dtype(k_out))
-    out["idx"][:, :k] = out_idx
-    out["dist"][:, :k] = out_dist
-    out["idx"][:, k:] = -1
-    out["dist"][:, k:] = np.inf
-    return out
+        out_val[lo : lo + nq] = vals
+    return out_val, out_idx + np.int64(offset)
 
 
 def _sorted_records(idx, dist, k: int) -> np.ndarray:
@@ -265,3 +285,291 @@ def build_ann_index(embedding: np.ndarray, *, seed: int, n_neighbors: int = 30):
     )
     index.prepare()
     return index
+
+
+# --------------------------------------------------------------------------------------
+# Shards and inverted lists (IVF): references larger than one process's memory
+# --------------------------------------------------------------------------------------
+SHARD_DIR = "shards"
+IVF_CENTROIDS = f"{SHARD_DIR}/ivf_centroids.npy"
+DEFAULT_PROBES = 24
+_KMEANS_SAMPLE = 100_000
+_KMEANS_ITER = 12
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Reference cells ``start:stop`` with their own files, searched on their own.
+
+    This is what a task graph carries (a path, numbers and checksums): each process
+    memory-maps the shard's arrays once (:mod:`dask_annot.refcache`) and reuses them.
+    """
+
+    path: str
+    number: int
+    start: int
+    stop: int
+    checksums: tuple[tuple[str, str], ...]  # (file name, sha256) of the files the shard reads
+
+    def _array(self, name: str) -> np.ndarray:
+        digest = dict(self.checksums)[name]
+        return refcache.cached(("shard", self.path, name, digest), lambda: np.load(os.path.join(self.path, name), mmap_mode="r"))
+
+    @property
+    def embedding_unit(self) -> np.ndarray:
+        return self._array(shard_file("unit", self.number))
+
+    @property
+    def screen_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        name = shard_file("unit", self.number)
+        key = ("shard-screen", self.path, name, dict(self.checksums)[name])
+        return refcache.cached(key, lambda: screen_arrays(self.embedding_unit))
+
+    @property
+    def has_ivf(self) -> bool:
+        return IVF_CENTROIDS in dict(self.checksums)
+
+    def ivf(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global list centroids (lists x PCs, unit, float64); this shard's members of each
+        list (local indices, ascending within a list) and list offsets."""
+        return (self._array(IVF_CENTROIDS), self._array(shard_file("members", self.number)),
+                self._array(shard_file("offsets", self.number)))
+
+
+def shard_file(kind: str, number: int) -> str:
+    return f"{SHARD_DIR}/{kind}_{number:05d}.npy"
+
+
+def shards_of(meta: dict, path: str) -> tuple[Shard, ...]:
+    """The shards a reference's ``reference.json`` lists (empty for an unsharded reference)."""
+    checks = meta.get("checksums", {})
+    out = []
+    for i, (start, stop) in enumerate(meta.get("shards", {}).get("bounds", [])):
+        names = [shard_file(kind, i) for kind in ("unit", "members", "offsets")] + [IVF_CENTROIDS]
+        out.append(Shard(path=path, number=i, start=int(start), stop=int(stop),
+                         checksums=tuple((n, checks[n]) for n in names if n in checks)))
+    return tuple(out)
+
+
+def spherical_kmeans(x_unit: np.ndarray, n_lists: int, *, seed: int) -> np.ndarray:
+    """List centroids (unit, float64) of a spherical k-means on an evenly spaced sample of
+    at most :data:`_KMEANS_SAMPLE` cells; deterministic for a seed (fit once at build time)."""
+    step = max(1, x_unit.shape[0] // _KMEANS_SAMPLE)
+    sample = np.asarray(x_unit[::step], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n_lists = min(n_lists, sample.shape[0])
+    cent = sample[np.sort(rng.choice(sample.shape[0], n_lists, replace=False))].copy()
+    for _ in range(_KMEANS_ITER):
+        assign = _assign(sample, cent)
+        sums = np.zeros_like(cent)
+        np.add.at(sums, assign, sample)
+        empty = np.bincount(assign, minlength=n_lists) == 0
+        sums[empty] = cent[empty]  # an empty list keeps its centroid
+        cent = unit_rows(sums)
+    return np.ascontiguousarray(cent)
+
+
+def _assign(x: np.ndarray, cent: np.ndarray, block: int = 65_536) -> np.ndarray:
+    """Index of each row's most similar centroid (float64; ties to the lowest index)."""
+    out = np.empty(x.shape[0], np.int64)
+    for lo in range(0, x.shape[0], block):
+        out[lo : lo + block] = np.argmax(np.asarray(x[lo : lo + block], np.float64) @ cent.T, axis=1)
+    return out
+
+
+def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | None, seed: int) -> tuple[dict, dict]:
+    """Files of a sharded reference (name -> writer(path)) and the ``shards`` entry of its
+    reference.json. Every shard holds its cells' unit embedding (float64, memory-mappable);
+    with ``n_lists``, one global spherical k-means gives inverted lists, and each shard stores
+    its members of every list, so a search probes the same lists whatever the sharding."""
+    unit = unit_rows(embedding)
+    n = unit.shape[0]
+    shard_cells = max(1, int(shard_cells))
+    bounds = [(lo, min(lo + shard_cells, n)) for lo in range(0, n, shard_cells)]
+    files: dict = {}
+
+    def saver(arr):
+        def write(path) -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path, arr)
+        return write
+
+    for i, (lo, hi) in enumerate(bounds):
+        files[shard_file("unit", i)] = saver(np.ascontiguousarray(unit[lo:hi]))
+    meta = {"bounds": bounds, "shard_cells": shard_cells, "ivf": None}
+    if n_lists:
+        cent = spherical_kmeans(unit, n_lists, seed=seed)
+        assign = _assign(unit, cent)
+        files[IVF_CENTROIDS] = saver(cent)
+        for i, (lo, hi) in enumerate(bounds):
+            a = assign[lo:hi]
+            members = np.argsort(a, kind="stable").astype(np.int32)  # by list, then ascending index
+            offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=cent.shape[0]))]).astype(np.int64)
+            files[shard_file("members", i)] = saver(members)
+            files[shard_file("offsets", i)] = saver(offsets)
+        meta["ivf"] = {"n_lists": int(cent.shape[0]), "probes": DEFAULT_PROBES, "seed": seed,
+                       "kmeans": f"spherical, {_KMEANS_ITER} iterations on <= {_KMEANS_SAMPLE} evenly spaced cells"}
+    return files, meta
+
+
+DEFAULT_SHARD_CELLS = 1_000_000
+
+
+def plan_shards(embedding: np.ndarray, *, n_cells: int, knn_method: str = "auto", shard_cells: int | None = None,
+                ivf_lists: int | None = None, ivf_probes: int | None = None, seed: int = 0) -> tuple[dict, dict | None]:
+    """What ``build-reference`` writes for the search: shard files and their reference.json
+    entry, or nothing for an unsharded reference. A reference is sharded when asked
+    (``shard_cells``, ``ivf_lists`` or ``--knn-method ivf``) or when it is larger than
+    :data:`EXACT_MAX_REFERENCE_CELLS` and no pynndescent index was asked for; then it
+    gets inverted lists too unless the exact search was asked for."""
+    for name, v in (("--shard-cells", shard_cells), ("--ivf-lists", ivf_lists), ("--ivf-probes", ivf_probes)):
+        if v is not None and v < 1:
+            raise ValueError(f"{name} {v}: must be a positive number")
+    big = n_cells > EXACT_MAX_REFERENCE_CELLS and knn_method in ("auto", None)
+    wants_ivf = knn_method == "ivf" or ivf_lists is not None or (big and knn_method != "exact")
+    if not (shard_cells or wants_ivf or big) or knn_method == "ann":
+        return {}, None
+    files, meta = shard_writers(embedding, shard_cells=shard_cells or DEFAULT_SHARD_CELLS,
+                                n_lists=(ivf_lists or default_lists(n_cells)) if wants_ivf else None, seed=seed)
+    if meta["ivf"] is not None and ivf_probes is not None:
+        meta["ivf"]["probes"] = int(ivf_probes)
+    return files, meta
+
+
+def probes_of(meta: dict) -> int:
+    """The inverted lists an IVF search probes per query (set at build time)."""
+    ivf = (meta.get("shards") or {}).get("ivf") or {}
+    return int(ivf.get("probes", DEFAULT_PROBES))
+
+
+def default_lists(n_cells: int) -> int:
+    """Inverted lists for a reference: about 1,000 cells per list (at least 1)."""
+    return max(1, int(round(n_cells / 1000)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _ivf_tile(q64, cent, ref64, members, offsets, probes, k):  # pragma: no cover - compiled
+    """Per query: probe the ``probes`` most similar lists (float64 dots, ties by list
+    index), re-score their members exactly in float64 (fixed order) and keep the top k
+    by (similarity desc, index asc). Rows with fewer than k candidates pad with -inf / -1."""
+    n, d = q64.shape
+    n_lists = cent.shape[0]
+    out_val = np.full((n, k), -np.inf)
+    out_idx = np.full((n, k), -1, np.int64)
+    cd = np.empty(n_lists)
+    for i in range(n):
+        for c in range(n_lists):
+            s = 0.0
+            for t in range(d):
+                s += q64[i, t] * cent[c, t]
+            cd[c] = -s
+        order = np.argsort(cd, kind="mergesort")
+        m = 0
+        for j in range(min(probes, n_lists)):
+            c = order[j]
+            m += offsets[c + 1] - offsets[c]
+        vals = np.empty(m)
+        ids = np.empty(m, np.int64)
+        p = 0
+        for j in range(min(probes, n_lists)):
+            c = order[j]
+            for u in range(offsets[c], offsets[c + 1]):
+                r = members[u]
+                s = 0.0
+                for t in range(d):
+                    s += q64[i, t] * ref64[r, t]
+                vals[p] = s
+                ids[p] = r
+                p += 1
+        if m == 0:
+            continue
+        # sort by (value desc, index asc): negate, then a stable sort of the index-sorted candidates
+        by_id = np.argsort(ids, kind="mergesort")
+        vals = vals[by_id]
+        ids = ids[by_id]
+        if m > k:
+            kth = -np.partition(-vals, k - 1)[k - 1]
+            keep = np.empty(m, np.bool_)
+            above = 0
+            for u in range(m):
+                above += vals[u] > kth
+            need = k - above
+            for u in range(m):
+                if vals[u] > kth:
+                    keep[u] = True
+                elif vals[u] == kth and need > 0:
+                    keep[u] = True
+                    need -= 1
+                else:
+                    keep[u] = False
+            vals = vals[keep]
+            ids = ids[keep]
+        o = np.argsort(-vals, kind="mergesort")
+        kk = min(k, vals.shape[0])
+        for u in range(kk):
+            out_val[i, u] = vals[o[u]]
+            out_idx[i, u] = ids[o[u]]
+    return out_val, out_idx
+
+
+def _ivf_top(q: np.ndarray, shard: Shard, k: int, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
+    cent, members, offsets = shard.ivf()
+    vals, ids = _ivf_tile(q64, np.asarray(cent), np.asarray(shard.embedding_unit), np.asarray(members),
+                          np.asarray(offsets), int(probes), int(k))
+    ids = np.where(ids >= 0, ids + shard.start, -1)
+    return vals, ids
+
+
+_TOP_DTYPE = lambda k: np.dtype([("val", np.float64, (k,)), ("idx", np.int64, (k,))])  # noqa: E731
+
+
+def _shard_block(q: np.ndarray, shard: Shard, k: int, method: str, probes: int) -> np.ndarray:
+    """One shard's top k of each query, as float64 similarities and global indices."""
+    out = np.empty(q.shape[0], dtype=_TOP_DTYPE(k))
+    out["val"], out["idx"] = -np.inf, -1
+    if q.shape[0] == 0:
+        return out
+    kk = min(k, shard.stop - shard.start)
+    if method == "ivf":
+        vals, ids = _ivf_top(q, shard, kk, probes)
+    else:
+        vals, ids = _exact_top(q, shard, kk, offset=shard.start)
+    out["val"][:, :kk], out["idx"][:, :kk] = vals, ids
+    return out
+
+
+def _merge_block(*parts: np.ndarray, k: int) -> np.ndarray:
+    """The exact top k over shards, by (similarity desc, global index asc): the same as one
+    search over the whole reference, because a pair's similarity does not depend on its shard."""
+    vals = np.concatenate([p["val"] for p in parts], axis=1)
+    ids = np.concatenate([p["idx"] for p in parts], axis=1)
+    ids = np.where(np.isfinite(vals), ids, np.iinfo(np.int64).max)
+    by_id = np.argsort(ids, axis=1, kind="stable")
+    vals, ids = np.take_along_axis(vals, by_id, axis=1), np.take_along_axis(ids, by_id, axis=1)
+    vals, ids = _top_k_rows(vals, ids, k)
+    return _records_from_dots(vals, ids, k)
+
+
+def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: int = DEFAULT_PROBES) -> da.Array:
+    """Lazy neighbour records over a sharded reference: one search task per (chunk, shard),
+    each carrying only its :class:`Shard`, and one exact merge per chunk."""
+    check_cell_chunked(emb, "neighbors")
+    if method not in ("exact", "ivf"):
+        raise ValueError(f"a sharded reference is searched with exact or ivf, not {method!r}")
+    n_ref = max(s.stop for s in shards)
+    kk = min(k, n_ref)
+    parts = [da.map_blocks(_shard_block, emb, s, kk, method, probes, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                           drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    return da.map_blocks(_merge_block_k(k), *parts, dtype=neighbor_dtype(k), chunks=(emb.chunks[0],),
+                         meta=np.empty(0, dtype=neighbor_dtype(k)))
+
+
+class _merge_block_k:
+    """A picklable ``_merge_block`` with ``k`` bound (map_blocks passes blocks positionally)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, *parts):
+        return _merge_block(*parts, k=self.k)

@@ -46,6 +46,10 @@ def load_model(path: str | os.PathLike):
     kind = model_kind(path)
     if kind == "knn":
         return load_reference(path)
+    if kind == "markers":
+        from .markers import load_marker_model
+
+        return load_marker_model(path)
     raise ReferenceArtifactError(f"{path}: model kind '{kind}' is not known to this dask-annot; upgrade dask-annot or rebuild the model")
 
 

@@ -18,12 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
-from . import __version__, align, consensus, de, h5, knn, normalize, outputs, project, store, summary, vote
+from . import (__version__, align, confidence, consensus, de, h5, knn, markers, normalize, outputs, project, refcache, store,
+               summary, visium, vote)
 from .config import Settings
 from .errors import ConfigError, DaskAnnotError, GeneOverlapError, OutputError, TooFewCellsError
 from .models import builtin_models, load_model, model_kind, resolve_model
@@ -59,6 +61,8 @@ class RunResult:
     model_dir: Path
     record: dict
     embedding2d: np.ndarray | None = None  # first two reference PCs per cell, matrix order
+    positions: Any = None  # visium.Positions of the cells (Visium HD with cell geometry), matrix order
+    calls: np.ndarray | None = None  # outputs.CALL_DTYPE per cell, matrix order
 
 
 def _versions() -> dict:
@@ -182,26 +186,32 @@ def _check_cells(n: int, path: str, settings: Settings, log) -> None:
 
 
 def annotate(run_id: str, matrix: str | Path, *, model: str = "auto", output_dir: str | Path = ".",
-             settings: Settings, log=print, progress: bool = False, client=None) -> RunResult:
+             settings: Settings, log=print, progress: bool = False, client=None, allow_bins: bool = False,
+             cell_geometry: str | Path | None = None) -> RunResult:
     """Annotate one matrix with one model and write the outputs; returns where they are.
 
     ``client``: an existing ``distributed.Client`` to run on (used as is, not closed).
     """
     return run(run_id, matrix, models=[model], output_dir=output_dir, settings=settings, log=log,
-               progress=progress, client=client)[0]
+               progress=progress, client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)[0]
 
 
 def run(run_id: str, matrix: str | Path, *, models: Sequence[str] | None = None, output_dir: str | Path = ".",
-        settings: Settings, log=print, progress: bool = False, client=None) -> list[RunResult]:
+        settings: Settings, log=print, progress: bool = False, client=None, allow_bins: bool = False,
+        cell_geometry: str | Path | None = None) -> list[RunResult]:
     """Annotate one matrix with each of ``models`` (default: :func:`default_models`), each
     model's outputs in its own folder under ``cell_types/``; returns them in order.
 
     The matrix is converted once; the query's own neighbour graph, when a model needs
     it, is built once and shared; one Dask client serves every model.
+
+    ``matrix`` may be a Space Ranger ``outs/`` (Visium HD): see :mod:`dask_annot.visium`;
+    binned matrices are refused unless ``allow_bins``; ``cell_geometry`` overrides the
+    ``cell_segmentations.geojson`` found beside the matrix.
     """
     try:
         return _run(run_id, matrix, specs=models, output_dir=output_dir, settings=settings, log=log,
-                    progress=progress, client=client)
+                    progress=progress, client=client, allow_bins=allow_bins, cell_geometry=cell_geometry)
     except OSError as exc:
         if isinstance(exc, DaskAnnotError) or exc.errno not in _WRITE_ERRNOS:
             raise
@@ -213,9 +223,17 @@ def run(run_id: str, matrix: str | Path, *, models: Sequence[str] | None = None,
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
 
 
+PAN_MODELS = {"human": "pan_human_v1", "mouse": "pan_mouse_v1"}
+
+
 def default_models(st: store.StoreInfo) -> list[str]:
-    """What runs when no model is named: the ``auto`` kNN model (see :func:`choose_model`)."""
-    return ["auto"]
+    """What runs when no model is named, as Space Ranger runs Azimuth and the 10x cloud model:
+    the ``auto`` kNN model (see :func:`choose_model`) and the built-in marker model of the
+    matrix's species (guessed from its genes; left out when the species is not known)."""
+    from .build import guess_species
+
+    pan = PAN_MODELS.get(guess_species(np.asarray(st.feature_ids), np.asarray(st.feature_names)))
+    return ["auto", pan] if pan and pan in builtin_models() else ["auto"]
 
 
 def parse_model_specs(value: str | Sequence[str] | None) -> list[str] | None:
@@ -249,14 +267,40 @@ class KnnPlan:
         return self.model.name
 
 
-def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan:
+@dataclass
+class MarkerPlan:
+    """How one marker model annotates this matrix: its genes found in the query."""
+
+    model: markers.MarkerModel
+    genes: markers.GenePlan
+    choice: dict
+
+    kind = "markers"
+    method = "markers"
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan | MarkerPlan:
     """Load the model ``spec`` names and decide how it runs on ``st``."""
-    mdl, al, choice = choose_model(spec, st)
+    if spec != "auto":
+        mdl = resolve_model(spec)
+        if mdl.kind == "markers":
+            genes = markers.align_markers(mdl, st.feature_names, source=str(st.source.get("path", st.path)))
+            return MarkerPlan(model=mdl, genes=genes, choice={"requested": spec})
+        mdl, al, choice = mdl, align_to_model(st, mdl), {"requested": spec}
+    else:
+        mdl, al, choice = choose_model(spec, st)
     k_used, k_rule = knn.neighbourhood(settings.k, mdl.n_cells)
     balanced = k_used < settings.k
+    if settings.knn_method == "ivf" and not mdl.has_ivf:
+        raise ConfigError(f"--knn-method ivf: the reference '{mdl.name}' has no inverted lists; rebuild it with "
+                          "`dask-annot build-reference ... --knn-method ivf`, or use --knn-method exact or ann")
     spread = settings.consensus == "spread" or (settings.consensus == "auto" and balanced)
     return KnnPlan(model=mdl, alignment=al, choice=choice, k_used=k_used, k_rule=k_rule, balanced=balanced,
-                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method))
+                   spread=spread, method=knn.choose_method(mdl.n_cells, settings.knn_method, has_ivf=mdl.has_ivf))
 
 
 class _QueryGraph:
@@ -293,12 +337,22 @@ def _load_graph(path: str) -> dict:
 
 
 def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output_dir: str | Path,
-         settings: Settings, log, progress: bool, client) -> list[RunResult]:
+         settings: Settings, log, progress: bool, client, allow_bins: bool = False,
+         cell_geometry: str | Path | None = None) -> list[RunResult]:
     timer = Timer()
     if not run_id or "/" in run_id or run_id in (".", ".."):
         raise ConfigError(f"--id '{run_id}' must be a plain name (letters, digits, - and _)")
     root = Path(output_dir) / run_id
-    st, fp = prepare_store(matrix, root / "work", settings, timer, log)
+    vis = visium.resolve(matrix, allow_bins=allow_bins, cell_geometry=cell_geometry)
+    if not store.is_store(vis.matrix):
+        visium.check_barcodes(vis, h5.open_matrix(vis.matrix).barcodes, allow_bins=allow_bins)
+    for w in vis.warnings:
+        log(f"warning: {w}")
+    st, fp = prepare_store(vis.matrix, root / "work", settings, timer, log)
+    with timer.stage("geometry"):
+        positions = visium.positions(vis, st.barcodes, cache_dir=root / "work")
+    if vis.matrix != vis.given or positions is not None or vis.bin_size_um:
+        fp["visium"] = {**vis.record(), **(positions.record if positions is not None else {})}
     specs = parse_model_specs(specs) or default_models(st)
     with timer.stage("load_model"):
         plans = [plan_model(spec, st, settings) for spec in specs]
@@ -306,12 +360,16 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
     if len(set(names)) < len(names):
         raise ConfigError(f"--cell-annotation-model names the model '{max(set(names), key=names.count)}' twice; name each model once")
     for plan in plans:
+        if plan.kind == "markers":
+            log(f"model {plan.name} v{plan.model.version}: marker model, {len(plan.model.labels)} cell types; "
+                f"{plan.genes.query_cols.size}/{plan.genes.n_model_genes} marker genes in the matrix")
+            continue
         al, mdl = plan.alignment, plan.model
         log(f"model {mdl.name} v{mdl.version}: {al.n_required_shared}/{al.n_required} model genes shared "
             f"({al.n_shared}/{al.n_reference_genes} of its gene universe, by {al.matched_by}); "
             f"k={plan.k_used} ({plan.k_rule}); {plan.method} search" + ("; label spreading over the query's own neighbours" if plan.spread else ""))
     settings = _resolve_scheduler(settings, [p.method for p in plans], log, n_cells=st.n_cells)
-    for plan in plans:
+    for plan in (p for p in plans if p.kind == "knn"):
         check_memory(settings, n_cells=st.n_cells, n_genes=plan.alignment.n_reference_genes, k=plan.k_used,
                       n_ref=plan.model.n_cells, method=plan.method)
     shared = dict(timer.stages)
@@ -319,23 +377,33 @@ def _run(run_id: str, matrix: str | Path, *, specs: Sequence[str] | None, output
     with _client(settings, log, shared_paths=[st.path, *(p.model.path for p in plans)], client=client) as active:
         graph = _QueryGraph(st, root / "work", fp)
         for plan in plans:
-            results.append(_run_knn(plan, st, fp, root=root, run_id=run_id, output_dir=output_dir, settings=settings,
-                                    log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared))
+            run_one = _run_markers if plan.kind == "markers" else _run_knn
+            results.append(run_one(plan, st, fp, root=root, run_id=run_id, output_dir=output_dir, settings=settings,
+                                   log=log, progress=progress, active=active, client=client, graph=graph, shared_timings=shared,
+                                   run_warnings=vis.warnings, positions=positions))
     return results
 
 
 def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id: str, output_dir, settings: Settings,
-             log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict) -> RunResult:
+             log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict,
+             run_warnings: Sequence[str] = (), positions: Any = None) -> RunResult:
     timer = Timer()
     mdl, al = plan.model, plan.alignment
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
     umi_all = st.umi_count
     model_d = dask.delayed(mdl, pure=True, traverse=False)
     emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
-    nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
+    if mdl.shards and plan.method in ("exact", "ivf"):  # searched shard by shard, merged exactly
+        nbrs = knn.sharded_neighbors(emb, mdl.shards, k=plan.k_used, method=plan.method, probes=knn.probes_of(mdl.meta))
+    else:
+        nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
     bounds = np.cumsum((0,) + nbrs.chunks[0])
     emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
-    ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds)
+    conf = confidence.Confidence.from_model(mdl, al.query_index)
+    use_conf = conf is not None and settings.reject != "none"
+    scores = plan.spread or use_conf
+    fstats = confidence.foreign_stats(align.align(store.counts_array(st, chunk_cells=settings.chunk_cells), al), conf) if use_conf else None
+    ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []
     for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
@@ -343,49 +411,110 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
         else:
-            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, st.barcodes[bounds[i]:bounds[i + 1]], path, plan.spread))
+            barcodes = dask.delayed(store.read_barcodes, pure=True)(st.path, int(bounds[i]), int(bounds[i + 1]))
+            parts.append(dask.delayed(_finish_chunk, pure=True)(blk, e2, model_d, plan.balanced, barcodes, path, scores))
     if done:
         log(f"resuming: {len(done)} of {len(parts)} chunks already annotated in {ckpt}")
-    graph_task = graph.task() if plan.spread and parts else None
+    graph_task = graph.task() if scores and parts else None
+    graph_bytes = {"annotate": refcache.graph_bytes(parts, graph_task, fstats)}
     with timer.stage("annotate"), _progress(progress, active):
-        parts, graph_value = dask.compute(parts, graph_task)
+        parts, graph_value, fstats = dask.compute(parts, graph_task, fstats)
     votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
     members = [p[1] for p in parts]
     embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
     consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
     if graph_value is not None:
         graph.value = graph_value
+    rejected = shares = None
+    if use_conf:  # cells unlike the reference, tested on the vote's label (see dask_annot.confidence)
+        rejected, _ = confidence.novel(conf, fstats, votes_np["fine"], graph_value["nbr"] if graph_value else None)
+        shares = np.concatenate([p[4] for p in parts]) if parts else np.zeros((0, len(mdl.labels)))
+    if plan.spread and graph_value is not None:
         counts = np.concatenate([p[3] for p in parts])
         p0 = np.concatenate([p[4] for p in parts])
         with timer.stage("consensus"):
-            votes_np, consensus_rec = consensus.apply(votes_np, counts, p0, graph_value, log=log)
+            votes_np, consensus_rec, shares = consensus.apply_with_scores(votes_np, counts, p0, graph_value, log=log,
+                                                                          keep=None if rejected is None else ~rejected)
         del counts, p0
-    calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
+    if use_conf:
+        depth, prob = confidence.calibrated(conf, shares, votes_np["fine"])
+        depth[rejected] = outputs.DEPTH_NONE
+        calls = outputs.calls_from(votes_np["fine"], prob=prob, count=votes_np["count"], depth=depth)
+        log(f"{mdl.name}: {int(rejected.sum())} of {len(rejected)} cells unlike the reference (Unassigned)")
+    else:
+        calls = outputs.calls_from(votes_np["fine"], prob=votes_np["prob"], count=votes_np["count"])
+    conf_rec = confidence.record(conf, reject=settings.reject, rejected=rejected, fine=votes_np["fine"], labels=mdl.labels,
+                                 depth=calls["depth"] if use_conf else None)
     record = {
         "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
                       "cells": mdl.n_cells, "genes": int(mdl.gene_ids.size), "pcs": mdl.n_pcs,
                       "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **plan.choice},
         "gene_overlap": al.record(),
+        "graph_bytes": graph_bytes,
         "parameters": {
             "k_requested": settings.k, "k_used": plan.k_used, "k_rule": plan.k_rule,
             "vote": "class-balanced plurality (small reference)" if plan.balanced else "plurality (10x)",
-            "consensus": consensus_rec,
+            "consensus": consensus_rec, "reject": settings.reject,
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
             "knn_method": plan.method, "ann_epsilon": settings.ann_epsilon if plan.method == "ann" else None,
+            "shards": len(mdl.shards) or 1, "ivf_probes": knn.probes_of(mdl.meta) if plan.method == "ivf" else None,
             "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
             "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
             "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
         },
+        "confidence": conf_rec,
     }
+    if run_warnings:
+        record["warnings"] = list(run_warnings)
     return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
                         progress=progress, active=active, record=record, shared_timings=shared_timings,
-                        files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d)
+                        files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d,
+                        positions=positions)
+
+
+def _run_markers(plan: MarkerPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id: str, output_dir, settings: Settings,
+                 log, progress: bool, active, client, graph: _QueryGraph, shared_timings: dict,
+                 run_warnings=(), positions: Any = None) -> RunResult:
+    """One marker model: per-cell type scores, pooled over the query graph, the hierarchy walk
+    (:mod:`dask_annot.markers`); always the hierarchical layout; no JSON evidence file."""
+    import dataclasses
+
+    timer = Timer()
+    mdl = plan.model
+    settings = dataclasses.replace(settings, layout="hierarchical")
+    mdir = outputs.model_dir(output_dir, run_id, mdl.name)
+    scores, _ = markers.lazy_scores(st, mdl, plan.genes, chunk_cells=settings.chunk_cells)
+    with timer.stage("annotate"), _progress(progress, active):
+        raw, graph_value = dask.compute(scores, graph.task())
+    graph.value = graph_value
+    with timer.stage("consensus"):
+        calls, scoring = markers.annotate_scores(raw, graph_value, mdl, plan.genes)
+    del raw
+    with timer.stage("marker_stats"):
+        (stats,) = dask.compute(markers.lazy_marker_stats(st, mdl, plan.genes, calls, chunk_cells=settings.chunk_cells))
+    record = {
+        "reference": {"name": mdl.name, "kind": mdl.kind, "version": mdl.version, "species": mdl.species, "path": mdl.path,
+                      "cells": 0, "cell_types": len(mdl.labels), "genes": int(mdl.genes.size), "organs": mdl.organs,
+                      "reference_json_sha256": store.file_fingerprint(Path(mdl.path) / "reference.json")["sha256"], **plan.choice},
+        "gene_overlap": plan.genes.record(),
+        "parameters": {
+            "scoring": scoring, "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
+            "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
+            "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
+        },
+        "marker_expression": markers.dot_plot_table(mdl, plan.genes, calls, stats),
+    }
+    if run_warnings:
+        record["warnings"] = list(run_warnings)
+    return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
+                        progress=progress, active=active, record=record, shared_timings=shared_timings, files={}, embedding2d=None,
+                        positions=positions)
 
 
 def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir: Path, run_id: str, settings: Settings,
                  timer: Timer, log, progress: bool, active, record: dict, shared_timings: dict, files: dict,
-                 embedding2d: np.ndarray | None) -> RunResult:
+                 embedding2d: np.ndarray | None, positions: Any = None) -> RunResult:
     """DE between the final coarse types, then every output of one model (run.json last)."""
     umi_all = st.umi_count
     labels = outputs.cell_labels(calls, umi_all, mdl, layout=settings.layout)
@@ -399,6 +528,7 @@ def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir:
         codes_d = da.from_array(codes, chunks=(Xde.chunks[0],))
         graph = de.build_de(Xde, codes_d, group_names=groups, feature_ids=np.asarray(st.feature_ids, dtype=object),
                             feature_names=np.asarray(st.feature_names, dtype=object))
+        record.setdefault("graph_bytes", {})["de"] = refcache.graph_bytes(graph)
         with timer.stage("de"), _progress(progress, active):
             (de_df,) = dask.compute(graph)
     with timer.stage("write"):
@@ -437,11 +567,12 @@ def _write_model(mdl, calls: np.ndarray, st: store.StoreInfo, fp: dict, *, mdir:
     with timer.stage("summary"):
         record["timings_s"] = timings()
         summary.write_web_summary(mdir / "web_summary.html", record=record, cell_types=summary.read_cell_types(mdir / "cell_types.csv"),
-                                  embedding2d=embedding2d, de=de_df)
+                                  embedding2d=embedding2d, de=de_df,
+                                  spatial=positions.summary_spatial() if positions is not None else None)
     record["timings_s"] = timings()
     outputs.write_run_record(mdir / "run.json", record)
     log(f"{mdl.name} timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in record["timings_s"].items()))
-    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d)
+    return RunResult(model_dir=mdir, record=record, embedding2d=embedding2d, positions=positions, calls=calls)
 
 
 def chunk_memory_bytes(chunk_cells: int, *, n_genes: int, k: int, n_ref: int, method: str) -> int:
@@ -512,13 +643,13 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def _checkpoint_dir(work: Path, fp: dict, plan: KnnPlan, settings: Settings, bounds) -> Path:
+def _checkpoint_dir(work: Path, fp: dict, plan: KnnPlan, settings: Settings, bounds, *, scores: bool = False) -> Path:
     """Per-chunk results live under a key of everything that determines them, the code included."""
     mdl = plan.model
     key = json.dumps({
         "input": fp.get("sha256"), "reference": mdl.meta.get("checksums"), "model": mdl.name, "k": plan.k_used,
         "method": plan.method, "epsilon": settings.ann_epsilon if plan.method == "ann" else None, "balanced": plan.balanced,
-        "bounds": [int(b) for b in bounds], "code": code_fingerprint(), "scores": plan.spread,
+        "bounds": [int(b) for b in bounds], "code": code_fingerprint(), "scores": scores,
     }, sort_keys=True)
     return work / "chunks" / f"{mdl.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
@@ -641,8 +772,11 @@ def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = N
     cell_types = summary.read_cell_types(csv_path)
     de_path = mdir / "cell_annotation_differential_expression.csv"
     de = pd.read_csv(de_path, keep_default_na=False, na_values=["NaN"]) if de_path.is_file() else None
-    if embedding2d is None:
+    if embedding2d is None and (record.get("reference") or {}).get("kind", "knn") == "knn":
         embedding2d = reference_pcs(record)
+    pos = visium.positions_for_record(record, cell_types["barcode"].to_numpy(), cache_dir=mdir.parents[3] / "work"
+                                      if len(mdir.parents) > 3 else None)
     out = mdir / summary.FILENAME
-    summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de)
+    summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de,
+                              spatial=pos.summary_spatial() if pos is not None else None)
     return out

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import refcache
 from .errors import ReferenceArtifactError, check_format
-from .knn import build_ann_index, screen_arrays, unit_rows
+from .knn import Shard, build_ann_index, screen_arrays, shards_of, unit_rows
 from .ontology import Levels
 
 FORMAT = "dask-annot-reference"
@@ -98,6 +99,15 @@ class Model:
     def class_sizes(self) -> np.ndarray:
         return np.bincount(self.label_codes, minlength=len(self.labels))
 
+    @cached_property
+    def shards(self) -> tuple[Shard, ...]:
+        """The reference's shards (each with its own files; empty when unsharded)."""
+        return shards_of(self.meta, self.path)
+
+    @property
+    def has_ivf(self) -> bool:
+        return bool(self.shards) and all(s.has_ivf for s in self.shards)
+
     def ann_index(self):
         """The pynndescent index, unpickled once per process (rebuilt if it cannot be)."""
         return _ann_index(self)
@@ -108,14 +118,49 @@ class Model:
         (PCs x cells), and the same for about 2,048 evenly spaced cells."""
         return screen_arrays(self.embedding_unit)
 
+    @property
+    def handle(self) -> tuple[str, str] | None:
+        """What a task graph carries instead of the model: (directory, digest of its files'
+        checksums); ``None`` for a model with no artifact on disk (pickled whole)."""
+        checksums = self.meta.get("checksums") if isinstance(self.meta, dict) else None
+        if not checksums or not (Path(self.path) / "reference.json").is_file():
+            return None
+        return (self.path, refcache.digest(checksums))
+
+    def __reduce__(self):
+        """Pickled as a handle: the receiving process loads the reference from its path once
+        (see :mod:`dask_annot.refcache`), so graphs stay small whatever the reference size."""
+        handle = self.handle
+        if handle is None:
+            return (_model_from_state, (self.__getstate__(),))
+        refcache.put(("model", *handle), self)
+        return (model_from_handle, handle)
+
     def __getstate__(self):
         state = self.__dict__.copy()  # caches (and indexes) are rebuilt where the model lands
-        for key in ("loadings64", "embedding64", "embedding_unit", "screen_arrays"):
+        for key in ("loadings64", "embedding64", "embedding_unit", "screen_arrays", "shards"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+
+
+def _model_from_state(state: dict) -> Model:
+    model = object.__new__(Model)
+    model.__setstate__(state)
+    return model
+
+
+def model_from_handle(path: str, digest: str) -> Model:
+    """The reference at ``path``, loaded once per process; refuses one whose files changed
+    since the handle was made (the run would otherwise mix two references)."""
+    model = refcache.cached(("model", path, digest), lambda: load_reference(path))
+    found = refcache.digest(model.meta.get("checksums", {}))
+    if found != digest:
+        raise ReferenceArtifactError(f"{path}: the reference changed on disk while the run was using it "
+                                     f"(checksums {found} != {digest}); run annotate again")
+    return model
 
 
 _INDEX_BYTES: dict[tuple[str, str], bytes] = {}

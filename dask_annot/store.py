@@ -248,6 +248,12 @@ def read_block(path: str, start: int, stop: int, n_features: int) -> sp.csr_matr
     return sp.csr_matrix((data, indices, indptr - lo), shape=(stop - start, n_features))
 
 
+def read_barcodes(path: str, start: int, stop: int) -> np.ndarray:
+    """Barcodes ``start:stop`` of a store (a task reads its own, so graphs do not carry them)."""
+    root = zarr.open_group(path, mode="r", zarr_format=3)
+    return np.asarray(root["obs/barcode"][start:stop], dtype=object)
+
+
 def cell_chunks(n_cells: int, chunk_cells: int) -> tuple[int, ...]:
     """Chunk sizes along cells for a given chunk length (the last one may be shorter)."""
     if chunk_cells <= 0:

@@ -3,6 +3,7 @@
 # Debian 12 packages, for dask-annot's SLURM tests and for trying the deploy/
 # examples on a laptop. Run as root; no systemd, cgroups or accounting needed.
 #
+#   bash deploy/slurm-local.sh install  # only install the Debian packages (what scripts/test-prereqs.sh runs)
 #   bash deploy/slurm-local.sh start    # install if missing, configure, start, wait until the node takes jobs
 #   bash deploy/slurm-local.sh status   # daemons, sinfo, squeue
 #   bash deploy/slurm-local.sh stop     # cancel jobs, stop the three daemons (by PID file)
@@ -219,9 +220,10 @@ status() {
 
 [[ "$(id -u)" -eq 0 ]] || fail "run as root (it installs packages and starts system daemons)"
 case "$action" in
+  install) install_if_missing ;;
   start) start ;;
   stop) stop ;;
   restart) stop; write_config; start ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|restart|status" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|restart|status" >&2; exit 2 ;;
 esac

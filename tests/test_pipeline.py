@@ -46,7 +46,13 @@ def test_cli_writes_the_10x_layout(tmp_path):
     r = run_cli("annotate", "--id", "demo", "--matrix", str(example_path()), "--output-dir", str(tmp_path), "--quiet")
     assert r.returncode == 0, r.stderr
     mdir = tmp_path / "demo" / "outs" / "segmented_outs" / "cell_types" / "human_pbmc_v1"
-    assert Path(r.stdout.strip()) == mdir
+    # no model named: the kNN auto model and the species' marker model, each in its own folder (as Space Ranger
+    # writes 10x_Cloud/ and Azimuth/)
+    assert [Path(x) for x in r.stdout.split()] == [mdir, mdir.parent / "pan_human_v1"]
+    pan = mdir.parent / "pan_human_v1"
+    assert {p.name for p in pan.iterdir()} == {"cell_types.csv", "cell_annotation_differential_expression.csv", "run.json", "web_summary.html"}
+    assert read_rows(pan / "cell_types.csv")[0].keys() == set(HIERARCHICAL_COLUMNS)
+    assert json.loads((pan / "run.json").read_text())["reference"]["kind"] == "markers"
     assert {p.name for p in mdir.iterdir()} >= {
         "cell_types.csv", "cell_annotation_results.json.gz", "cell_annotation_differential_expression.csv", "run.json"}
     rows = read_rows(mdir / "cell_types.csv")

@@ -1,0 +1,399 @@
+"""Confidence: cells unlike the reference become ``Unassigned``; the probability is calibrated.
+
+Two parts, both fitted at ``build-reference`` time and stored in ``reference.json``
+under ``confidence``, so annotate needs no extra pass over the reference.
+
+**Novelty test (foreign genes).** A type the reference lacks is defined by what it
+expresses that the reference does not. *Foreign genes* are the genes of the
+reference's input universe that at most :data:`FOREIGN_MAX_FRACTION` of *every* label's
+reference cells express. A cell's foreign load is the UMIs it has in foreign genes it
+expresses at least :data:`MIN_COUNT` times (one stray UMI is ambient RNA or a more
+sensitive chemistry, not a program), divided by its depth (its UMIs over the universe's
+genes the query measured): a fraction, so it does not grow with depth. A single cell's
+load is noisy, so the test reads it *pooled* over the cell and its :data:`POOL_K`
+nearest neighbours in the query's own neighbour graph (the one the consensus uses):
+summed foreign UMIs over summed depth. The per-label threshold is the
+:data:`QUANTILE` quantile of the same pooled load over that label's reference cells,
+computed leave-one-out (a gene a reference cell expresses counts as foreign for it
+only if it is foreign without that cell) and pooled over the reference's own
+:data:`POOL_K`-NN graph. Only genes the query measured count: the thresholds are scaled
+by the share of the reference's foreign load that falls in measured genes.
+
+**Calibration.** At build time the reference's cells are annotated in held-out folds
+(by dataset when the reference has several, else :data:`N_FOLDS` stratified random
+folds, seeded) with the rest, by the same kNN vote annotate uses (cosine distance,
+``k`` capped by the same small-reference rule, class-balanced when capped). An
+isotonic regression per level (fine, coarse) maps the raw score (the winning label's
+share of the class-balanced vote; at the coarse level the share of the labels with the
+same coarse type) to "was right"; its knots are stored and applied at annotate time
+with linear interpolation. The reported ECE and calibration curve are cross-fitted:
+each fold's cells are scored by a map fitted on the other folds.
+
+A call is as deep as its calibrated probability allows: the fine label when its
+probability is at least :data:`CONFIDENT`, else the coarse type (``Fine Not Confidently
+Annotated``) when the coarse probability is, else the broad type only.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+import scipy.sparse as sp
+
+from . import knn, vote
+from .normalize import check_cell_chunked
+from .outputs import DEPTH_BROAD, DEPTH_COARSE, DEPTH_FINE, DEPTH_NONE
+
+Reject = Literal["auto", "none"]
+FOREIGN_MAX_FRACTION = 0.01
+MIN_COUNT = 2
+POOL_K = 15
+QUANTILE = 0.99
+N_FOLDS = 5
+CALIBRATION_MAX_CELLS = 20_000
+CALIBRATION_K = 500  # annotate's default --k; capped by knn.neighbourhood as at annotate time
+CONFIDENT = 0.5
+ECE_BINS = 10
+SCHEMA = 1
+
+
+# ----------------------------------------------------------------------------- build time
+
+def _label_expression(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray, n_labels: int, n_genes: int):
+    """Per label and gene: reference cells expressing it (count > 0); per cell: depth."""
+    nexpr = np.zeros((n_labels, n_genes), dtype=np.int64)
+    depth = []
+    start = 0
+    for block in blocks:
+        b = sp.csr_matrix(block)
+        codes = label_codes[start:start + b.shape[0]]
+        ind = sp.csr_matrix((np.ones(b.nnz, dtype=np.int64), b.indices, b.indptr), shape=b.shape)
+        onehot = sp.csr_matrix((np.ones(b.shape[0], dtype=np.int64), (codes, np.arange(b.shape[0]))), shape=(n_labels, b.shape[0]))
+        nexpr += (onehot @ ind).toarray()
+        depth.append(np.asarray(b.sum(axis=1), dtype=np.float64).ravel())
+        start += b.shape[0]
+    return nexpr, np.concatenate(depth) if depth else np.zeros(0)
+
+
+def _loo_foreign_load(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray, nexpr: np.ndarray, class_sizes: np.ndarray,
+                      foreign_or_near: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per reference cell: foreign UMIs leave-one-out (genes foreign once the cell itself is
+    left out), and per candidate gene the foreign UMIs all reference cells have in it."""
+    n_labels = nexpr.shape[0]
+    cand = np.flatnonzero(foreign_or_near)
+    frac = nexpr[:, cand] / np.maximum(class_sizes, 1)[:, None]
+    loads, mass = [], np.zeros(cand.size)
+    start = 0
+    for block in blocks:
+        b = sp.csr_matrix(block)[:, cand].tocsr()
+        codes = label_codes[start:start + b.shape[0]]
+        rows = np.repeat(np.arange(b.shape[0]), np.diff(b.indptr))
+        lab = codes[rows]
+        cols = b.indices
+        # the cell's own label without it; every other label as is
+        own = (nexpr[lab, cand[cols]] - 1) / np.maximum(class_sizes[lab] - 1, 1)
+        others = frac[:, cols].copy()
+        others[lab, np.arange(cols.size)] = -1.0
+        foreign = (own <= FOREIGN_MAX_FRACTION) & (others.max(axis=0, initial=-1.0) <= FOREIGN_MAX_FRACTION) if n_labels else own <= FOREIGN_MAX_FRACTION
+        counted = np.where(foreign & (b.data >= MIN_COUNT), b.data, 0).astype(np.float64)
+        loads.append(np.bincount(rows, weights=counted, minlength=b.shape[0]))
+        mass += np.bincount(cols, weights=counted, minlength=cand.size)
+        start += b.shape[0]
+    return (np.concatenate(loads) if loads else np.zeros(0)), mass
+
+
+def self_graph(embedding: np.ndarray, k: int = POOL_K, *, block: int = 1024) -> np.ndarray:
+    """Each reference cell's ``k`` nearest other reference cells (cosine; ties to the lower index)."""
+    u = knn.unit_rows(embedding)
+    n = u.shape[0]
+    k = min(k, n - 1)
+    out = np.full((n, max(k, 0)), -1, dtype=np.int64)
+    if k < 1:
+        return out
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        d = 2.0 - 2.0 * (u[s:e] @ u.T)
+        d[np.arange(e - s), np.arange(s, e)] = np.inf
+        part = np.argpartition(d, k - 1, axis=1)[:, :k]
+        dd = np.take_along_axis(d, part, axis=1)
+        order = np.lexsort((part, dd), axis=1)
+        out[s:e] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def pooled_load(foreign: np.ndarray, depth: np.ndarray, nbr: np.ndarray | None) -> np.ndarray:
+    """Foreign UMIs over depth, summed over each cell and its neighbours (``nbr``, -1 = none)."""
+    foreign = np.asarray(foreign, dtype=np.float64)
+    depth = np.asarray(depth, dtype=np.float64)
+    f, d = foreign.copy(), depth.copy()
+    if nbr is not None and nbr.size:
+        valid = nbr >= 0
+        safe = np.where(valid, nbr, 0)
+        f += np.where(valid, foreign[safe], 0.0).sum(axis=1)
+        d += np.where(valid, depth[safe], 0.0).sum(axis=1)
+    return np.divide(f, d, out=np.zeros_like(f), where=d > 0)
+
+
+def _folds(label_codes: np.ndarray, dataset_codes: np.ndarray, n_datasets: int, seed: int) -> tuple[np.ndarray, str]:
+    if n_datasets >= 2:
+        return dataset_codes.astype(np.int64), f"by dataset ({n_datasets} folds)"
+    rng = np.random.default_rng(seed)
+    fold = np.empty(label_codes.size, dtype=np.int64)
+    for lab in np.unique(label_codes):
+        idx = np.flatnonzero(label_codes == lab)
+        fold[idx] = np.arange(idx.size)[rng.permutation(idx.size)] % N_FOLDS
+    return fold, f"stratified random ({N_FOLDS} folds, seed {seed})"
+
+
+def _search(query: np.ndarray, ref: np.ndarray, k: int, *, block: int = 512) -> np.ndarray:
+    """Exact cosine kNN records (``knn.neighbor_dtype``) of ``query`` rows among ``ref`` rows."""
+    qu, ru = knn.unit_rows(query), knn.unit_rows(ref)
+    k_eff = min(k, ru.shape[0])
+    out = np.empty(qu.shape[0], dtype=knn.neighbor_dtype(k))
+    out["idx"], out["dist"] = -1, np.inf
+    for s in range(0, qu.shape[0], block):
+        e = min(s + block, qu.shape[0])
+        d = np.sqrt(np.maximum(2.0 - 2.0 * (qu[s:e] @ ru.T), 0.0))
+        part = np.argpartition(d, k_eff - 1, axis=1)[:, :k_eff]
+        dd = np.take_along_axis(d, part, axis=1)
+        order = np.lexsort((part, dd), axis=1)
+        out["idx"][s:e, :k_eff] = np.take_along_axis(part, order, axis=1)
+        out["dist"][s:e, :k_eff] = np.take_along_axis(dd, order, axis=1)
+    return out
+
+
+def coarse_matrix(levels) -> np.ndarray:
+    """labels x labels: 1 where two labels share a coarse type."""
+    coarse = np.array([lv.coarse for lv in levels], dtype=object)
+    return (coarse[:, None] == coarse[None, :]).astype(np.float64)
+
+
+def raw_scores(p: np.ndarray, fine: np.ndarray, same_coarse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The raw scores calibration maps: the fine label's share of ``p`` (per-label vote shares),
+    and the share of the labels with its coarse type."""
+    p = np.asarray(p, dtype=np.float64)
+    rows = np.arange(p.shape[0])
+    fine = np.asarray(fine, dtype=np.int64)
+    return p[rows, fine], (p * same_coarse[fine]).sum(axis=1)
+
+
+def _isotonic(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.isotonic import IsotonicRegression
+
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(x, y)
+    return np.asarray(iso.X_thresholds_, dtype=np.float64), np.asarray(iso.y_thresholds_, dtype=np.float64)
+
+
+def apply_map(knots: dict, x: np.ndarray) -> np.ndarray:
+    """A stored monotone map (``{"x": [...], "y": [...]}``) at ``x`` (linear between knots, flat outside)."""
+    return np.interp(np.asarray(x, dtype=np.float64), np.asarray(knots["x"], dtype=np.float64), np.asarray(knots["y"], dtype=np.float64))
+
+
+def calibration_curve(prob: np.ndarray, right: np.ndarray, bins: int = ECE_BINS) -> tuple[list[dict], float]:
+    """Equal-width bins of ``prob``: cells, mean probability, share right; and the ECE."""
+    prob, right = np.asarray(prob, dtype=np.float64), np.asarray(right, dtype=np.float64)
+    which = np.minimum((prob * bins).astype(np.int64), bins - 1)
+    curve, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if not m.any():
+            continue
+        mp, acc = float(prob[m].mean()), float(right[m].mean())
+        curve.append({"bin": [b / bins, (b + 1) / bins], "cells": int(m.sum()), "mean_prob": round(mp, 4), "fraction_right": round(acc, 4)})
+        ece += m.sum() / prob.size * abs(mp - acc)
+    return curve, round(float(ece), 4)
+
+
+def _calibrate(embedding: np.ndarray, label_codes: np.ndarray, levels, dataset_codes: np.ndarray, n_datasets: int,
+               seed: int) -> dict:
+    n_labels = len(levels)
+    fold, scheme = _folds(label_codes, dataset_codes, n_datasets, seed)
+    # at most CALIBRATION_MAX_CELLS held-out cells are scored (a seeded sample)
+    scored = np.arange(label_codes.size)
+    if scored.size > CALIBRATION_MAX_CELLS:
+        scored = np.sort(np.random.default_rng(seed).choice(scored, CALIBRATION_MAX_CELLS, replace=False))
+    same = coarse_matrix(levels)
+    xs = {"fine": [], "coarse": []}
+    ys = {"fine": [], "coarse": []}
+    fold_of = []
+    for f in np.unique(fold):
+        test = scored[fold[scored] == f]
+        train = np.flatnonzero(fold != f)
+        if test.size == 0 or train.size == 0:
+            continue
+        k_used, _ = knn.neighbourhood(CALIBRATION_K, train.size)
+        nbrs = _search(embedding[test], embedding[train], k_used)
+        shim = SimpleNamespace(labels=tuple(range(n_labels)), label_codes=label_codes[train],
+                               class_sizes=np.bincount(label_codes[train], minlength=n_labels))
+        votes, _, p0 = vote.vote_with_scores(nbrs, shim, k_used < CALIBRATION_K)
+        fine = votes["fine"].astype(np.int64)
+        sf, sc = raw_scores(p0, fine, same)
+        truth = label_codes[test]
+        xs["fine"].append(sf)
+        ys["fine"].append((fine == truth).astype(np.float64))
+        xs["coarse"].append(sc)
+        ys["coarse"].append(same[fine, truth])
+        fold_of.append(np.full(test.size, f))
+    fold_of = np.concatenate(fold_of)
+    out = {"folds": scheme, "cells_scored": int(fold_of.size), "k": CALIBRATION_K, "raw_score": "winning label's share of the (class-balanced) vote"}
+    for level in ("fine", "coarse"):
+        x, y = np.concatenate(xs[level]), np.concatenate(ys[level])
+        kx, ky = _isotonic(x, y)
+        # cross-fitted: each fold scored by a map fitted on the other folds
+        cal = np.empty_like(x)
+        for f in np.unique(fold_of):
+            m = fold_of == f
+            if (~m).any():
+                fx, fy = _isotonic(x[~m], y[~m])
+                cal[m] = np.interp(x[m], fx, fy)
+            else:
+                cal[m] = np.interp(x[m], kx, ky)
+        curve, ece = calibration_curve(cal, y)
+        out[level] = {"x": [round(float(v), 6) for v in kx], "y": [round(float(v), 6) for v in ky], "ece": ece, "curve": curve,
+                      "accuracy": round(float(y.mean()), 4)}
+    return out
+
+
+def fit(blocks: Callable[[], Iterable[sp.csr_matrix]], *, label_codes: np.ndarray, labels: list[str], levels, embedding: np.ndarray,
+        dataset_codes: np.ndarray, n_datasets: int, n_genes: int, seed: int) -> dict:
+    """The ``confidence`` section of ``reference.json``: foreign genes, per-label thresholds and
+    the calibration maps. ``blocks()`` yields the kept reference cells' raw counts (CSR,
+    cells x universe genes) in reference order; it is read twice."""
+    label_codes = np.asarray(label_codes, dtype=np.int64)
+    n_labels = len(labels)
+    class_sizes = np.bincount(label_codes, minlength=n_labels)
+    nexpr, depth = _label_expression(blocks(), label_codes, n_labels, n_genes)
+    frac = nexpr / np.maximum(class_sizes, 1)[:, None]
+    foreign = frac.max(axis=0) <= FOREIGN_MAX_FRACTION
+    # a gene one cell keeps out of the foreign set is foreign for that cell left out
+    near = ((nexpr - 1) / np.maximum(class_sizes - 1, 1)[:, None]).max(axis=0) <= FOREIGN_MAX_FRACTION
+    cand = foreign | near
+    load, mass = _loo_foreign_load(blocks(), label_codes, nexpr, class_sizes, cand)
+    cand_idx = np.flatnonzero(cand)
+    in_foreign = foreign[cand_idx]
+    nbr = self_graph(embedding)
+    pooled = pooled_load(load, depth, nbr)
+    overall = float(np.quantile(pooled, QUANTILE)) if pooled.size else 0.0
+    thresholds = {}
+    for i, lab in enumerate(labels):
+        vals = pooled[label_codes == i]
+        own = float(np.quantile(vals, QUANTILE)) if vals.size else overall
+        thresholds[lab] = max(own, overall)
+    return {
+        "schema": SCHEMA,
+        "novelty": {
+            "rule": "pooled foreign-gene load above the label's leave-one-out reference quantile",
+            "foreign_max_fraction": FOREIGN_MAX_FRACTION, "min_count": MIN_COUNT, "pool_k": POOL_K, "quantile": QUANTILE,
+            "foreign_genes": [int(g) for g in cand_idx[in_foreign]],
+            "foreign_mass": [round(float(m), 3) for m in mass[in_foreign]],
+            "thresholds": {k: float(v) for k, v in thresholds.items()},
+            "reference_pooled_load_median": float(np.median(pooled)) if pooled.size else 0.0,
+        },
+        "calibration": _calibrate(np.asarray(embedding, dtype=np.float64), label_codes, levels, np.asarray(dataset_codes), n_datasets, seed),
+    }
+
+
+# ----------------------------------------------------------------------------- annotate time
+
+@dataclass(frozen=True)
+class Confidence:
+    """What annotate needs from a reference's ``confidence`` section, for one query's genes."""
+
+    foreign_index: np.ndarray  # universe columns of the measured foreign genes
+    measured: np.ndarray  # universe columns the query measured
+    thresholds: np.ndarray  # per label, scaled to the measured foreign genes
+    measured_share: float
+    calibration: dict
+    same_coarse: np.ndarray
+    section: dict
+
+    @classmethod
+    def from_model(cls, model, query_index: np.ndarray) -> "Confidence | None":
+        """None for a reference built without a confidence section."""
+        sec = (model.meta or {}).get("confidence")
+        if not sec or sec.get("schema") != SCHEMA:
+            return None
+        nov = sec["novelty"]
+        genes = np.asarray(nov["foreign_genes"], dtype=np.int64)
+        mass = np.asarray(nov["foreign_mass"], dtype=np.float64)
+        measured_mask = np.asarray(query_index) >= 0
+        got = measured_mask[genes] if genes.size else np.zeros(0, bool)
+        total = mass.sum()
+        share = float(mass[got].sum() / total) if total > 0 else 1.0
+        thr = np.array([nov["thresholds"][lab] for lab in model.labels], dtype=np.float64) * share
+        return cls(foreign_index=genes[got], measured=np.flatnonzero(measured_mask), thresholds=thr, measured_share=share,
+                   calibration=sec["calibration"], same_coarse=coarse_matrix(model.levels), section=sec)
+
+
+def _stats_block(block: sp.csr_matrix, foreign_index: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    b = sp.csr_matrix(block)
+    out = np.zeros((b.shape[0], 2), dtype=np.float64)
+    if b.shape[0] == 0:
+        return out
+    f = b[:, foreign_index].tocsr()
+    f.data = np.where(f.data >= MIN_COUNT, f.data, 0)
+    out[:, 0] = np.asarray(f.sum(axis=1), dtype=np.float64).ravel()
+    out[:, 1] = np.asarray(b[:, measured].sum(axis=1), dtype=np.float64).ravel()
+    return out
+
+
+def foreign_stats(x_aligned: da.Array, conf: Confidence) -> da.Array:
+    """Lazy per cell (cells x 2, float64): foreign UMIs (genes with at least :data:`MIN_COUNT`)
+    and depth over the measured universe genes, from counts aligned to the universe."""
+    check_cell_chunked(x_aligned, "confidence")
+    return da.map_blocks(_stats_block, x_aligned, conf.foreign_index, conf.measured, dtype=np.float64,
+                         chunks=(x_aligned.chunks[0], (2,)), meta=np.empty((0, 2), dtype=np.float64))
+
+
+def novel(conf: Confidence, stats: np.ndarray, fine: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Which cells fail the novelty test (bool), and their pooled foreign load."""
+    load = pooled_load(stats[:, 0], stats[:, 1], nbr)
+    return load > conf.thresholds[np.asarray(fine, dtype=np.int64)], load
+
+
+def calibrated(conf: Confidence, p: np.ndarray, fine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Depth of the call and the calibrated probability that the reported level is right."""
+    sf, sc = raw_scores(p, fine, conf.same_coarse)
+    pf = apply_map(conf.calibration["fine"], sf)
+    pc = np.maximum(apply_map(conf.calibration["coarse"], sc), pf)  # the coarse call is right whenever the fine one is
+    depth = np.where(pf >= CONFIDENT, DEPTH_FINE, np.where(pc >= CONFIDENT, DEPTH_COARSE, DEPTH_BROAD)).astype(np.int8)
+    prob = np.where(depth == DEPTH_FINE, pf, pc).astype(np.float32)
+    return depth, prob
+
+
+def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None, fine: np.ndarray, labels, depth: np.ndarray | None,
+           load: np.ndarray | None = None) -> dict:
+    """The ``confidence`` block of run.json."""
+    if conf is None:
+        return {"reject": reject, "applied": False,
+                "reason": "the reference has no confidence section (built before dask-annot could reject); rebuild it"}
+    cal = conf.calibration
+    out = {
+        "reject": reject,
+        "applied": reject != "none",
+        "rule": conf.section["novelty"]["rule"] if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
+        "thresholds": {lab: float(t) for lab, t in zip(labels, conf.thresholds)},
+        "foreign_genes_measured": int(conf.foreign_index.size),
+        "foreign_genes_in_reference": len(conf.section["novelty"]["foreign_genes"]),
+        "threshold_scale_for_measured_genes": round(conf.measured_share, 4),
+        "calibration": {"folds": cal["folds"], "cells_scored": cal["cells_scored"],
+                        "fine": {"ece": cal["fine"]["ece"], "curve": cal["fine"]["curve"]},
+                        "coarse": {"ece": cal["coarse"]["ece"], "curve": cal["coarse"]["curve"]}},
+    }
+    if rejected is not None:
+        fine = np.asarray(fine, dtype=np.int64)
+        per = {}
+        for i, lab in enumerate(labels):
+            m = fine == i
+            if m.any():
+                per[lab] = {"cells": int(m.sum()), "rejected": int(rejected[m].sum()), "fraction": round(float(rejected[m].mean()), 4)}
+        out["rejected"] = int(rejected.sum())
+        out["rejected_by_nearest_type"] = per
+    if depth is not None:
+        out["depth_counts"] = {name: int((depth == d).sum()) for name, d in
+                               (("unassigned", DEPTH_NONE), ("broad", DEPTH_BROAD), ("coarse", DEPTH_COARSE), ("fine", DEPTH_FINE))}
+    return out
