@@ -285,3 +285,13 @@ def test_a_reference_built_from_mex_equals_one_built_from_the_h5(tmp_path):
     b = read_artifact(build_reference(mex, output=tmp_path / "from_mex", **kw))[1]
     for k in ("embedding", "loadings", "label_codes", "mean", "std", "hvg_index"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_killed_conversions_cell_order_copy_is_removed(tmp_path):
+    info, X = _pbmc272()
+    mex_dir = _write_mex(tmp_path / "mex", info, X)
+    stale = tmp_path / ".s.zarr.tmp-99999999.rows"  # no such process
+    stale.mkdir()
+    (stale / "data.bin").write_bytes(b"\0" * 8)
+    store.convert(mex_dir, tmp_path / "s.zarr")
+    assert not stale.exists()
