@@ -62,17 +62,16 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
 
 def _cmd_build_reference(a: argparse.Namespace) -> int:
     from .build import build_marker_reference, build_reference
-    from .errors import ConfigError
     from .sources import open_reference_input
 
     if a.markers:
-        if a.input or a.label_column or a.census:
+        if a.input or a.label_column or a.census is not None:
             raise ConfigError("build-reference: --markers builds a marker model from a table; leave out --input, --census and --label-column")
         print(build_marker_reference(a.markers, name=a.name, output=a.output, species=a.species or "human", version=a.version))
         return 0
-    if not a.input and not a.census:
-        raise ConfigError("build-reference needs --input (labelled cells: .h5ad files), --census FILTER (CELLxGENE Census), "
-                          "or --markers TABLE.csv (a marker model)")
+    if not a.input and a.census is None:
+        raise ConfigError("build-reference needs --input and --label-column (a kNN model from labelled cells), CELLxGENE files "
+                          "(--input A.h5ad [B.h5ad ...]), --census FILTER, or --markers TABLE.csv")
 
     cells = open_reference_input(a, log=_log)
     if cells is None and not a.label_column:
@@ -81,8 +80,8 @@ def _cmd_build_reference(a: argparse.Namespace) -> int:
         a.input[0] if a.input else None, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
         dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
         species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
-        shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
         cells=cells, merge_same_term=a.merge_same_term,
+        shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
     )
     print(out)
     return 0

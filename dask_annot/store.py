@@ -120,7 +120,7 @@ def convert(matrix: str | os.PathLike, output: str | os.PathLike, *, cells_per_b
 def _remove_stale_temporaries(output: Path) -> None:
     """Delete half-written stores left by killed conversions (their process is gone)."""
     for stale in output.parent.glob(f".{output.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
+        pid = stale.name.rsplit("-", 1)[-1].removesuffix(".rows")  # .rows: a MEX / CSC cell-order copy
         if pid.isdigit() and not _pid_alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
 

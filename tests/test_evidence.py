@@ -86,3 +86,10 @@ def test_evidence_memory_follows_neighbours_not_labels_times_datasets(rng):
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert peak < outputs.evidence_memory_bytes(cells, k=k) < 2.4e9 / 10
+
+
+def test_memory_preflight_counts_the_evidence_kernel():
+    from dask_annot.pipeline import chunk_memory_bytes
+
+    base = chunk_memory_bytes(10_000, n_genes=2000, k=500, n_ref=0, method="ann")
+    assert base >= 10_000 * (2000 * 20 + 500 * 32) + outputs.evidence_memory_bytes(10_000, k=500)

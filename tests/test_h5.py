@@ -266,3 +266,32 @@ def test_normalized_x_without_counts_is_refused(tmp_path):
     _cellxgene_like(info, X, where="none").write_h5ad(tmp_path / "c.h5ad")
     with pytest.raises(InvalidCountsError, match=r"normalized .* no raw.X or layers\['counts'\]"):
         h5.open_matrix(tmp_path / "c.h5ad")
+
+
+def test_a_reference_built_from_mex_equals_one_built_from_the_h5(tmp_path):
+    """build-reference reads a MEX through the one-time cell-order copy, block by block."""
+    from dask_annot.build import build_reference
+    from dask_annot.reference import read_artifact
+
+    src = FORMATS / "scp_cr6.1_500pbmc_50genes_587cells.h5"
+    info = h5.open_matrix(src)
+    X = h5.read_cells(info, 0, info.n_cells)
+    mex = _write_mex(tmp_path / "mex", info, X, shuffle_rng=np.random.default_rng(5))
+    umi = np.asarray(X.sum(axis=1)).ravel()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("barcode,group\n" + "".join(f"{b},{'high' if u > np.median(umi) else 'low'}\n" for b, u in zip(info.barcodes, umi)))
+    kw = dict(label_column="group", labels_csv=str(labels), name="m", n_hvg=30, n_pcs=5, cells_per_block=100)
+    a = read_artifact(build_reference(src, output=tmp_path / "from_h5", **kw))[1]
+    b = read_artifact(build_reference(mex, output=tmp_path / "from_mex", **kw))[1]
+    for k in ("embedding", "loadings", "label_codes", "mean", "std", "hvg_index"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_a_killed_conversions_cell_order_copy_is_removed(tmp_path):
+    info, X = _pbmc272()
+    mex_dir = _write_mex(tmp_path / "mex", info, X)
+    stale = tmp_path / ".s.zarr.tmp-99999999.rows"  # no such process
+    stale.mkdir()
+    (stale / "data.bin").write_bytes(b"\0" * 8)
+    store.convert(mex_dir, tmp_path / "s.zarr")
+    assert not stale.exists()
