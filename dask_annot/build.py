@@ -117,7 +117,10 @@ class LabelledCells:
         if h5.needs_row_copy(self.info):  # MEX / CSC h5ad: copied once into cell order, kept while this object lives
             self._rows = tempfile.TemporaryDirectory(prefix="dask-annot-rows-")
             self.info = h5.row_copy(self.info, self._rows.name)
-        return h5.read_cells(self.info, start, stop)
+        block = h5.read_cells(self.info, start, stop)
+        if block.indices.dtype != block.indptr.dtype:  # scipy < 1.13 cannot row-index a CSR whose two differ
+            block.indices = block.indices.astype(block.indptr.dtype)
+        return block
 
     def kept_blocks(self, cells_per_block: int):
         """(start, stop, rows kept within the block) for every block holding a kept cell."""
