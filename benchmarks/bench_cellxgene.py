@@ -31,46 +31,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def split_into_cellxgene_files(sim: Path, labels_csv: Path, n_files: int, out: Path) -> list[Path]:
+def _cl_map() -> dict[str, str]:
+    return {r["label"]: r["ontology_id"] for r in csv.DictReader(open(ROOT / "dask_annot" / "data" / "maps" / "pbmc_sorted_zheng2017.csv"))}
+
+
+def _write_cellxgene_files(n_cells: int, n_files: int, out: Path, info, part) -> list[Path]:
+    """``n_files`` CELLxGENE-schema h5ads of ``n_cells`` cells in all; ``part(a, b)`` gives the
+    counts, CL ids and barcodes of cells ``a:b``. Files already written are kept."""
     import anndata as ad
     import pandas as pd
 
-    sys.path.insert(0, str(ROOT))
-    from dask_annot import h5
-
-    cl = {r["label"]: r["ontology_id"] for r in csv.DictReader(open(ROOT / "dask_annot" / "data" / "maps" / "pbmc_sorted_zheng2017.csv"))}
-    truth = pd.read_csv(labels_csv)["label"].map(cl).to_numpy()
-    info = h5.open_matrix(sim)
-    var = pd.DataFrame({"feature_name": list(info.feature_names)}, index=pd.Index(list(info.feature_ids)))
-    out.mkdir(parents=True, exist_ok=True)
-    bounds = np.linspace(0, info.n_cells, n_files + 1).astype(int)
-    files = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        p = out / f"dataset-{i:02d}.h5ad"
-        files.append(p)
-        if p.exists():
-            continue
-        X = h5.read_cells(info, a, b)
-        obs = pd.DataFrame({"cell_type_ontology_term_id": pd.Categorical(truth[a:b]), "is_primary_data": True},
-                           index=pd.Index([str(x) for x in info.barcodes[a:b]]))
-        tmp = p.with_suffix(".tmp.h5ad")
-        ad.AnnData(X=X, obs=obs, var=var).write_h5ad(tmp)
-        os.replace(tmp, p)
-    return files
-
-
-def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_files: int, out: Path) -> list[Path]:
-    """``n_cells`` cells made by repeating a real labelled h5ad's cells (each copy its own barcode)."""
-    import anndata as ad
-    import pandas as pd
-
-    sys.path.insert(0, str(ROOT))
-    from dask_annot import h5
-
-    cl = {r["label"]: r["ontology_id"] for r in csv.DictReader(open(ROOT / "dask_annot" / "data" / "maps" / "pbmc_sorted_zheng2017.csv"))}
-    info = h5.open_matrix(source)
-    X = h5.read_cells(info, 0, info.n_cells)
-    labels = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(cl).to_numpy()
     var = pd.DataFrame({"feature_name": list(info.feature_names)}, index=pd.Index(list(info.feature_ids)))
     out.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, n_cells, n_files + 1).astype(int)
@@ -80,13 +50,43 @@ def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_f
         files.append(p)
         if p.exists():
             continue
-        rows = np.arange(a, b) % info.n_cells
-        obs = pd.DataFrame({"cell_type_ontology_term_id": pd.Categorical(labels[rows]), "is_primary_data": True},
-                           index=pd.Index([f"c{j:07d}" for j in range(a, b)]))
+        X, cl_ids, barcodes = part(a, b)
+        obs = pd.DataFrame({"cell_type_ontology_term_id": pd.Categorical(cl_ids), "is_primary_data": True},
+                           index=pd.Index(barcodes))
         tmp = p.with_suffix(".tmp.h5ad")
-        ad.AnnData(X=X[rows], obs=obs, var=var).write_h5ad(tmp)
+        ad.AnnData(X=X, obs=obs, var=var).write_h5ad(tmp)
         os.replace(tmp, p)
     return files
+
+
+def split_into_cellxgene_files(sim: Path, labels_csv: Path, n_files: int, out: Path) -> list[Path]:
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT))
+    from dask_annot import h5
+
+    truth = pd.read_csv(labels_csv)["label"].map(_cl_map()).to_numpy()
+    info = h5.open_matrix(sim)
+    return _write_cellxgene_files(info.n_cells, n_files, out, info, lambda a, b: (
+        h5.read_cells(info, a, b), truth[a:b], [str(x) for x in info.barcodes[a:b]]))
+
+
+def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_files: int, out: Path) -> list[Path]:
+    """``n_cells`` cells made by repeating a real labelled h5ad's cells (each copy its own barcode)."""
+    import anndata as ad
+
+    sys.path.insert(0, str(ROOT))
+    from dask_annot import h5
+
+    info = h5.open_matrix(source)
+    X = h5.read_cells(info, 0, info.n_cells)
+    labels = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+
+    def part(a, b):
+        rows = np.arange(a, b) % info.n_cells
+        return X[rows], labels[rows], [f"c{j:07d}" for j in range(a, b)]
+
+    return _write_cellxgene_files(n_cells, n_files, out, info, part)
 
 
 def cmd_build(a) -> None:
