@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
+import dask
 import dask.array as da
 import numba
 import numpy as np
@@ -690,23 +692,42 @@ def _merge_block(*parts: np.ndarray, k: int) -> np.ndarray:
     return _records_from_dots(vals, ids, k)
 
 
-def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: int = DEFAULT_PROBES) -> da.Array:
+def shard_placement(workers: Sequence[str], n_shards: int) -> tuple[str, ...] | None:
+    """The worker each shard's searches run on: shard i on the i-th worker (addresses sorted,
+    cyclically), so each worker maps only its own shards and a cluster holds a reference no
+    single worker could. Only when there are at least as many shards as workers (else every
+    worker would not get one, and the search would not use them all): then ``None``, every
+    worker searches whatever shard it is given."""
+    workers = sorted(workers)
+    if n_shards < 2 or not workers or n_shards < len(workers):
+        return None
+    return tuple(workers[i % len(workers)] for i in range(n_shards))
+
+
+def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: int = DEFAULT_PROBES,
+                      placement: Sequence[str] | None = None) -> da.Array:
     """Lazy neighbour records over a sharded reference: one search task per (chunk, shard),
-    each carrying only its :class:`Shard`, and one exact merge per chunk."""
+    each carrying only its :class:`Shard`, and one exact merge per chunk. ``placement``: the
+    worker each shard's tasks prefer (:func:`shard_placement`; a loose restriction, so a lost
+    worker's shard is searched elsewhere rather than never)."""
     check_cell_chunked(emb, "neighbors")
     if method not in ("exact", "ivf"):
         raise ValueError(f"a sharded reference is searched with exact or ivf, not {method!r}")
+    if placement is not None and len(placement) != len(shards):
+        raise ValueError(f"placement names {len(placement)} workers for {len(shards)} shards")
     n_ref = max(s.stop for s in shards)
     kk = min(k, n_ref)
+    probed = None
     if method == "ivf":  # the probed lists are global: chosen once per chunk, the same for every shard
         n_probe = min(probes, int(shards[0].ivf()[0].shape[0]))
         probed = da.map_blocks(_probe_block, emb, shards[0], probes, dtype=np.int32, chunks=(emb.chunks[0], (n_probe,)),
                                meta=np.empty((0, 0), np.int32))
-        parts = [da.map_blocks(_shard_block, emb, probed, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
-                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
-    else:
-        parts = [da.map_blocks(_shard_block, emb, None, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
-                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    parts = []
+    for i, s in enumerate(shards):
+        where = {} if placement is None else {"workers": [placement[i]], "allow_other_workers": False}
+        with dask.annotate(**where):
+            parts.append(da.map_blocks(_shard_block, emb, probed, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                                       drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))))
     return da.map_blocks(_merge_block_k(k), *parts, dtype=neighbor_dtype(k), chunks=(emb.chunks[0],),
                          meta=np.empty(0, dtype=neighbor_dtype(k)))
 
