@@ -12,6 +12,7 @@ found) and ``dist`` (float32, ``inf`` there), sorted by (distance, index).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numba
 import numpy as np
 
 from . import refcache
+from .errors import ReferenceArtifactError
 from .normalize import check_cell_chunked
 
 Method = Literal["exact", "ann", "ivf"]
@@ -329,7 +331,7 @@ class Shard:
 
     def _array(self, name: str) -> np.ndarray:
         digest = dict(self.checksums)[name]
-        return refcache.cached(("shard", self.path, name, digest), lambda: np.load(os.path.join(self.path, name), mmap_mode="r"))
+        return refcache.cached(("shard", self.path, name, digest), lambda: _load_checked(os.path.join(self.path, name), digest))
 
     @property
     def embedding_unit(self) -> np.ndarray:
@@ -363,6 +365,22 @@ class Shard:
         list (local indices, ascending within a list) and list offsets."""
         return (self._array(IVF_CENTROIDS), self._array(shard_file("members", self.number)),
                 self._array(shard_file("offsets", self.number)))
+
+
+def _load_checked(path: str, digest: str) -> np.ndarray:
+    """A shard file, memory-mapped, after checking its sha256 against the reference's record:
+    shard files are checked here, by the process that maps them, not when the reference is
+    loaded (a worker holding one shard never reads the others)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ReferenceArtifactError(f"{path}: cannot be read ({exc}); the reference is damaged, rebuild it") from exc
+    if h.hexdigest() != digest:
+        raise ReferenceArtifactError(f"{path}: its checksum differs from reference.json; the reference is damaged, rebuild it")
+    return np.load(path, mmap_mode="r")
 
 
 def shard_file(kind: str, number: int) -> str:

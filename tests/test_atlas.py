@@ -213,3 +213,18 @@ def test_self_neighbours_of_a_large_set_are_bounded_and_match_the_exact_graph(rn
     recall = np.mean([np.intersect1d(a, b).size / a.size for a, b in zip(exact, graph[pick])])
     assert recall > 0.95
     assert np.array_equal(knn.self_neighbors(x[:20_000], 15), knn.self_neighbors(x[:20_000], 15, block=3000))
+
+
+def test_a_damaged_shard_is_refused_when_it_is_mapped(references, tmp_path):
+    """Shard files are checked by the process that maps them (a worker never reads the shards it
+    does not hold); a damaged one stops the run with one clear line and writes no outputs."""
+    ref = tmp_path / "damaged"
+    shutil.copytree(references["ivf"], ref)
+    unit = ref / "shards" / "unit_00002.npy"
+    blob = bytearray(unit.read_bytes())
+    blob[-8:] = b"\x00" * 8
+    unit.write_bytes(bytes(blob))
+    load_reference(ref)  # the reference itself still loads: its other files are intact
+    with pytest.raises(ReferenceArtifactError, match=r"unit_00002\.npy: its checksum differs.*rebuild it"):
+        _annotate(tmp_path / "out", ref, knn_method="ivf", chunk_cells=300)
+    assert not list((tmp_path / "out").rglob("cell_types.csv"))
