@@ -10,7 +10,9 @@ holds, see its README) and writes one row per (cell type, gene, organ)::
 
 Rules (the whole of the curation; nothing is hand-edited per cell type):
 - the cell type of a row is its last ``CT/n`` whose id is a Cell Ontology id known to the
-  Cell Ontology release shipped in the package (rows ending in a temporary id are dropped);
+  Cell Ontology release shipped in the package (rows ending in a temporary id are dropped),
+  except that a chain term which is a CL ancestor of the term before it qualifies that term
+  (see :func:`row_type`);
 - positive markers: the row's ``BGene/n`` genes. Tables often write a gene by its product's
   name ("Glucagon", "Chromogranin A", "CD20"); each entry's HGNC id is resolved to the symbol
   the tables themselves give for that id (the most frequent symbol-like ``LABEL``, else the
@@ -77,6 +79,21 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
     return [], []
 
 
+def row_type(ids: list[str], cl: dict) -> str:
+    """The cell type a row's markers describe: its chain's last CL term, except that a term
+    which is a Cell Ontology ancestor of the term before it is a qualifier, not a subtype
+    (pancreas: "pancreatic ductal cell > epithelial cell of exocrine pancreas: KRT19" describes
+    ductal cells, not every exocrine epithelial cell). ``ids[-1]`` is a known CL id."""
+    cur = ids[-1]
+    valid = [t for t in ids if t in cl and not cl[t]["label"].startswith("obsolete")]
+    if valid:
+        cur = valid[0]
+        for t in valid[1:]:
+            if t != cur and t not in cl[cur]["ancestors"]:
+                cur = t
+    return cur
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
@@ -132,10 +149,10 @@ def main(argv=None) -> int:
             ids = [r[col[c]].strip() for c in ct_ids if r[col[c]].strip()]
             if not ids:
                 continue
-            term = ids[-1]
-            if not CL_PATTERN.match(term) or term not in cl or cl[term]["label"].startswith("obsolete"):
-                dropped_ct.add(term)
+            if not CL_PATTERN.match(ids[-1]) or ids[-1] not in cl or cl[ids[-1]]["label"].startswith("obsolete"):
+                dropped_ct.add(ids[-1])
                 continue
+            term = row_type(ids, cl)
             for c in genes:
                 gid = r[col[f"{c}/ID"]].strip() if f"{c}/ID" in col else ""
                 sym = hgnc.get(gid) or r[col[c]].strip().upper()
