@@ -212,3 +212,17 @@ def test_unknown_organ_is_one_clear_error(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode != 0 and "pancreaz" in p.stderr and "choose from" in p.stderr
     assert not (tmp_path / "x" / "outs").exists() or not any((tmp_path / "x" / "outs").rglob("cell_types.csv"))
+
+
+def test_gene_names_resolved_and_mouse_orthologs_renamed():
+    """Names a table writes with no HGNC id ("NKP46") resolve to the symbol (NCR1); mouse orthologs
+    with another symbol are renamed (FCER2 -> Fcer2a, CD8B -> Cd8b1); LYZ stays unmapped in mouse."""
+
+    def markers_of(model, label):
+        t = model.labels.index(label)
+        return {model.genes[g] for ti, g in zip(model.type_idx, model.gene_idx) if ti == t}
+
+    human, mouse = resolve_model("pan_human_v1"), resolve_model("pan_mouse_v1")
+    assert "NCR1" in markers_of(human, "natural killer cell") and "NKP46" not in set(human.genes)
+    assert "Ncr1" in markers_of(mouse, "natural killer cell") and "Fcer2a" in markers_of(mouse, "naive B cell")
+    assert "Cd8b1" in set(mouse.genes) and not {"Lyz1", "Lyz2"} & set(mouse.genes)
