@@ -298,7 +298,7 @@ def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan | 
     if spec != "auto":
         mdl = resolve_model(spec)
         if mdl.kind == "markers":
-            genes = markers.align_markers(mdl, st.feature_names, source=str(st.source.get("path", st.path)))
+            genes = markers.align_markers(mdl, st.feature_names, source=str(st.source.get("path", st.path)), organs=settings.organs)
             return MarkerPlan(model=mdl, genes=genes, choice={"requested": spec})
         mdl, al, choice = mdl, align_to_model(st, mdl), {"requested": spec}
     else:
