@@ -54,6 +54,10 @@ MIN_COUNT = 2
 POOL_K = 15
 QUANTILE = 0.99
 MIN_POOLED_UMIS = 10
+PROGRAM_FRACTION = 0.5  # a gene "most of" a neighbourhood expresses
+RULE = ("rejected when both: the pooled foreign-gene load, above the query's own per-gene background, is over the label's "
+        "leave-one-out reference quantile (on the genes the query measured); and the cell's neighbourhood shares a foreign "
+        "program (more foreign genes expressed by most of the cell and its neighbours than the label's reference cells' quantile)")
 N_FOLDS = 5
 CALIBRATION_MAX_CELLS = 20_000
 CALIBRATION_K = 500  # annotate's default --k; capped by knn.neighbourhood as at annotate time
@@ -417,9 +421,59 @@ def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | Non
     ref_genes[conf.cand_columns] = True
     thr = reference_thresholds(conf.ref_counts, conf.ref_depth, conf.ref_graph, conf.label_codes, conf.n_labels, ref_genes)
     load = np.divide(xp, dp, out=np.zeros_like(xp), where=dp > 0)
-    rejected = (load > thr[np.asarray(fine, dtype=np.int64)]) & (xp >= MIN_POOLED_UMIS)
-    info = {"thresholds": thr, "foreign_genes_measured": int(conf.foreign.sum()), "foreign_genes_with_background": int((rate > 0).sum())}
+    fine = np.asarray(fine, dtype=np.int64)
+    loaded = (load > thr[fine]) & (xp >= MIN_POOLED_UMIS)
+    # second signal: a foreign *program* (genes most of the neighbourhood expresses), over the
+    # label's leave-one-out reference level; a technology shift adds diffuse foreign UMIs, not programs
+    prog = program_genes(E, nbr)
+    ref_prog = program_genes(conf.ref_counts[:, conf.cand_columns], conf.ref_graph)
+    pthr = label_quantiles(ref_prog, conf.label_codes, conf.n_labels)
+    programmed = prog > pthr[fine]
+    rejected = loaded & programmed
+    info = {"thresholds": thr, "program_thresholds": pthr, "foreign_genes_measured": int(conf.foreign.sum()),
+            "foreign_genes_with_background": int((rate > 0).sum()),
+            "cells_over_load_threshold": int(loaded.sum()), "cells_with_foreign_program": int(programmed.sum())}
     return rejected, info
+
+
+def neighbourhood_matrix(n: int, nbr: np.ndarray | None) -> sp.csr_matrix:
+    """n x n, 1 where column j is row i or one of its neighbours (``nbr``, -1 = none)."""
+    if nbr is not None and nbr.size:
+        valid = np.asarray(nbr) >= 0
+        rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), valid.sum(axis=1))])
+        cols = np.concatenate([np.arange(n), np.asarray(nbr)[valid]])
+    else:
+        rows = cols = np.arange(n)
+    return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+
+
+def program_genes(E: sp.csr_matrix, nbr: np.ndarray | None) -> np.ndarray:
+    """Per cell: how many foreign genes (columns of ``E``: counts kept only where at least
+    :data:`MIN_COUNT`) more than :data:`PROGRAM_FRACTION` of the cell and its neighbours
+    express: the foreign genes its neighbourhood shares as a program."""
+    E = sp.csr_matrix(E)
+    n = E.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    A = neighbourhood_matrix(n, nbr)
+    size = np.asarray(A.sum(axis=1), dtype=np.float64).ravel()
+    on = sp.csr_matrix((np.ones(E.nnz), E.indices, E.indptr), shape=E.shape)
+    on.data[E.data <= 0] = 0.0
+    F = sp.csr_matrix(A @ on)
+    rows = np.repeat(np.arange(n), np.diff(F.indptr))
+    return np.bincount(rows, weights=(F.data > PROGRAM_FRACTION * size[rows]).astype(np.float64), minlength=n)
+
+
+def label_quantiles(values: np.ndarray, label_codes: np.ndarray, n_labels: int) -> np.ndarray:
+    """Per label: the :data:`QUANTILE` quantile of ``values`` over its reference cells, never below
+    the reference-wide quantile."""
+    overall = float(np.quantile(values, QUANTILE)) if values.size else 0.0
+    out = np.full(n_labels, overall)
+    for i in range(n_labels):
+        vals = values[label_codes == i]
+        if vals.size:
+            out[i] = max(float(np.quantile(vals, QUANTILE)), overall)
+    return out
 
 
 def pooled_sums(x: np.ndarray, depth: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -454,8 +508,9 @@ def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None,
     out = {
         "reject": reject,
         "applied": reject != "none",
-        "rule": nov["rule"] if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
-        "parameters": {k: nov[k] for k in ("foreign_max_fraction", "min_count", "pool_k", "quantile", "min_pooled_umis", "background")},
+        "rule": RULE if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
+        "parameters": {**{k: nov[k] for k in ("foreign_max_fraction", "min_count", "pool_k", "quantile", "min_pooled_umis", "background")},
+                       "program_fraction": PROGRAM_FRACTION},
         "foreign_genes_in_reference": nov["foreign_genes"],
         "calibration": {"folds": cal["folds"], "cells_scored": cal["cells_scored"],
                         "fine": {"ece": cal["fine"]["ece"], "curve": cal["fine"]["curve"]},
@@ -465,6 +520,9 @@ def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None,
         out["thresholds"] = {lab: float(t) for lab, t in zip(labels, info["thresholds"])}
         out["foreign_genes_measured"] = info["foreign_genes_measured"]
         out["foreign_genes_with_query_background"] = info["foreign_genes_with_background"]
+        out["program_thresholds"] = {lab: float(t) for lab, t in zip(labels, info["program_thresholds"])}
+        out["cells_over_load_threshold"] = info["cells_over_load_threshold"]
+        out["cells_with_foreign_program"] = info["cells_with_foreign_program"]
     if rejected is not None:
         fine = np.asarray(fine, dtype=np.int64)
         per = {}
