@@ -55,9 +55,11 @@ POOL_K = 15
 QUANTILE = 0.99
 MIN_POOLED_UMIS = 10
 PROGRAM_FRACTION = 0.5  # a gene "most of" a neighbourhood expresses
+MIN_GROUP_CELLS = int(round(1 / FOREIGN_MAX_FRACTION))  # cells a fraction needs to be measured at FOREIGN_MAX_FRACTION
 RULE = ("rejected when both: the pooled foreign-gene load, above the query's own per-gene background, is over the label's "
         "leave-one-out reference quantile (on the genes the query measured); and the cell's neighbourhood shares a foreign "
-        "program (more foreign genes expressed by most of the cell and its neighbours than the label's reference cells' quantile)")
+        "program (more foreign genes expressed by most of the cell and its neighbours than the label's reference cells' quantile; "
+        "genes every populated nearest type of the query expresses are the sample's, not a program, and do not count)")
 N_FOLDS = 5
 CALIBRATION_MAX_CELLS = 20_000
 CALIBRATION_K = 500  # annotate's default --k; capped by knn.neighbourhood as at annotate time
@@ -425,13 +427,14 @@ def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | Non
     loaded = (load > thr[fine]) & (xp >= MIN_POOLED_UMIS)
     # second signal: a foreign *program* (genes most of the neighbourhood expresses), over the
     # label's leave-one-out reference level; a technology shift adds diffuse foreign UMIs, not programs
-    prog = program_genes(E, nbr)
+    wide = sample_wide(E, fine, conf.n_labels)
+    prog = program_genes(E[:, np.flatnonzero(~wide)], nbr)
     ref_prog = program_genes(conf.ref_counts[:, conf.cand_columns], conf.ref_graph)
     pthr = label_quantiles(ref_prog, conf.label_codes, conf.n_labels)
     programmed = prog > pthr[fine]
     rejected = loaded & programmed
     info = {"thresholds": thr, "program_thresholds": pthr, "foreign_genes_measured": int(conf.foreign.sum()),
-            "foreign_genes_with_background": int((rate > 0).sum()),
+            "foreign_genes_with_background": int((rate > 0).sum()), "sample_wide_genes": int(wide.sum()),
             "cells_over_load_threshold": int(loaded.sum()), "cells_with_foreign_program": int(programmed.sum())}
     return rejected, info
 
@@ -445,6 +448,25 @@ def neighbourhood_matrix(n: int, nbr: np.ndarray | None) -> sp.csr_matrix:
     else:
         rows = cols = np.arange(n)
     return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+
+
+def sample_wide(E: sp.csr_matrix, fine: np.ndarray, n_labels: int) -> np.ndarray:
+    """Per foreign gene (column of ``E``): True when the query's cells of *every* nearest label
+    with at least :data:`MIN_GROUP_CELLS` cells express it (at least :data:`MIN_COUNT` UMIs) more
+    often than :data:`FOREIGN_MAX_FRACTION`, and at least two labels are that populated: the
+    reference's foreign rule mirrored on the query. A gene every query population has is the
+    sample's (its chemistry, its gene annotation), not one population's program. A query
+    that falls on a single reference type cannot show this, and keeps every gene."""
+    E = sp.csr_matrix(E)
+    fine = np.asarray(fine, dtype=np.int64)
+    sizes = np.bincount(fine, minlength=n_labels)
+    big = np.flatnonzero(sizes >= MIN_GROUP_CELLS)
+    if big.size < 2:
+        return np.zeros(E.shape[1], dtype=bool)
+    on = sp.csr_matrix(((E.data > 0).astype(np.float64), E.indices, E.indptr), shape=E.shape)
+    onehot = sp.csr_matrix((np.ones(fine.size), (fine, np.arange(fine.size))), shape=(n_labels, fine.size))
+    frac = (onehot @ on).toarray()[big] / sizes[big, None]
+    return (frac > FOREIGN_MAX_FRACTION).all(axis=0)
 
 
 def program_genes(E: sp.csr_matrix, nbr: np.ndarray | None) -> np.ndarray:
@@ -510,7 +532,7 @@ def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None,
         "applied": reject != "none",
         "rule": RULE if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
         "parameters": {**{k: nov[k] for k in ("foreign_max_fraction", "min_count", "pool_k", "quantile", "min_pooled_umis", "background")},
-                       "program_fraction": PROGRAM_FRACTION},
+                       "program_fraction": PROGRAM_FRACTION, "min_group_cells": MIN_GROUP_CELLS},
         "foreign_genes_in_reference": nov["foreign_genes"],
         "calibration": {"folds": cal["folds"], "cells_scored": cal["cells_scored"],
                         "fine": {"ece": cal["fine"]["ece"], "curve": cal["fine"]["curve"]},
@@ -523,6 +545,7 @@ def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None,
         out["program_thresholds"] = {lab: float(t) for lab, t in zip(labels, info["program_thresholds"])}
         out["cells_over_load_threshold"] = info["cells_over_load_threshold"]
         out["cells_with_foreign_program"] = info["cells_with_foreign_program"]
+        out["sample_wide_genes"] = info["sample_wide_genes"]
     if rejected is not None:
         fine = np.asarray(fine, dtype=np.int64)
         per = {}
