@@ -19,6 +19,15 @@ only if it is foreign without that cell) and pooled over the reference's own
 :data:`POOL_K`-NN graph. Only genes the query measured count: the thresholds are scaled
 by the share of the reference's foreign load that falls in measured genes.
 
+**Second signal (a foreign program).** The load alone cannot tell a missing type from a
+technology shift, which adds a few UMIs of many foreign genes to every cell. A missing
+type has a *program*: foreign genes most of its cells express. :func:`program_genes`
+counts, per cell, the foreign genes more than :data:`PROGRAM_FRACTION` of the cell and
+its neighbours express; the per-label threshold is the :data:`QUANTILE` quantile of the
+same count over the label's reference cells (leave-one-out counts, reference graph).
+Genes the query's cells of every populated nearest type express (:func:`sample_wide`)
+are the sample's and do not count. A cell is rejected only when both signals fire.
+
 **Calibration.** At build time the reference's cells are annotated in held-out folds
 (by dataset when the reference has several, else :data:`N_FOLDS` stratified random
 folds, seeded) with the rest, by the same kNN vote annotate uses (cosine distance,
