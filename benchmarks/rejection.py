@@ -58,6 +58,7 @@ SORTED = DATA / "pbmc_sorted_zheng2017" / "pbmc_sorted_3500.h5ad"
 PBMC4K = DATA / "pbmc4k_soupx" / "pbmc4k_2170cells_soupx_labels.h5ad"
 ACTINN = DATA / "mouse_immune_actinn" / "actinn_train_1000cells.h5ad"
 ZILIONIS = DATA / "mouse_tissue" / "zilionis_mouse_lung_immune_800cells.h5ad"
+PANCREAS = DATA / "mouse_tissue" / "bastidas_mouse_pancreas_e15_739cells.h5ad"
 BRAIN = REPO / "tests" / "data" / "tenx_h5_format_tests" / "scminer_cr6.0_brain_tumor_3pLT_182cells_36601genes.h5"
 
 HUMAN = [("CL:0000236", "B"), ("CL:0000624", "CD4 T"), ("CL:0000625", "CD8 T"), ("CL:0000623", "NK"), ("CL:0000113", "MNP")]
@@ -290,12 +291,17 @@ def main() -> None:
     brain = annotate(work, "human_pbmc_v1", BRAIN, "auto", "brain")
     example = annotate(work, "human_pbmc_v1", REPO / "dask_annot" / "data" / "example" / "pbmc4k_800cells.h5", "auto", "example")
     mouse_builtin = annotate(work, "mouse_immune_v1", ZILIONIS, "auto", "mouse-builtin")
+    pancreas = annotate(work, "mouse_immune_v1", PANCREAS, "auto", "pancreas")
     res["builtin"] = {
         "zilionis inDrop lung (mouse_immune_v1)": {
             "cells": int(mouse_builtin["rejected"].size), "unassigned_pct": pct(mouse_builtin["rejected"].mean()),
             "unassigned_pct_by_true_type": {str(t): pct(mouse_builtin["rejected"][t_zil == t].mean()) for t in np.unique(t_zil)},
             "cells_over_load_threshold": mouse_builtin["record"]["confidence"].get("cells_over_load_threshold"),
             "accuracy_kept": round(float((np.array([mouse(x) for x in mouse_builtin["fine"]]) == t_zil)[(t_zil != "other") & ~mouse_builtin["rejected"]].mean()), 4)},
+        "E15 pancreas, another tissue (mouse_immune_v1)": {
+            "cells": int(pancreas["rejected"].size), "unassigned_pct": pct(pancreas["rejected"].mean()),
+            "labels_of_kept": {str(k): int(v) for k, v in zip(*np.unique(pancreas["fine"][~pancreas["rejected"]].astype(str), return_counts=True))},
+            "nearest_types": {k: v["cells"] for k, v in pancreas["record"]["confidence"]["rejected_by_nearest_type"].items()}},
         "brain tumour (human_pbmc_v1)": {"cells": int(brain["rejected"].size), "unassigned_pct": pct(brain["rejected"].mean()),
                                           "labels_of_kept": {str(k): int(v) for k, v in zip(*np.unique(brain["fine"][~brain["rejected"]].astype(str), return_counts=True))}},
         "bundled example (human_pbmc_v1)": {"cells": int(example["rejected"].size), "unassigned_pct": pct(example["rejected"].mean())},
@@ -317,7 +323,9 @@ def report(res: dict) -> str:
          "the load test's constants were chosen while looking at the first leave-out pair (in-sample there); the second signal "
          "(a foreign program: PROGRAM_FRACTION 0.5, rejected only when both fire; genes every populated query type expresses do not count) "
          "was chosen after seeing every pair here, the "
-         "brain file and Zilionis, so none of these numbers are out-of-sample for it.", "",
+         "brain file and Zilionis, so none of these numbers are out-of-sample for it. The pancreas sample was first run after "
+         "that choice and came out 0% Unassigned; the sample-wide rule was then narrowed (a gene a population mostly expresses is a "
+         "program even when every population has it): in-sample since.", "",
          "## Leave classes out", "",
          "| pair | absent cells | absent Unassigned % (bar >= 95) | present cells | present kept % (bar >= 95) | present accuracy, kept, with rejection | without rejection (all present) | without rejection (same kept cells) |",
          "|---|---|---|---|---|---|---|---|"]
@@ -347,6 +355,7 @@ def report(res: dict) -> str:
     L += ["", "## Built-in models", ""]
     for k, v in res["builtin"].items():
         L.append(f"- {k}: {v['unassigned_pct']}% of {v['cells']} cells Unassigned" + (f"; kept cells called {v['labels_of_kept']}" if "labels_of_kept" in v else "")
+                 + (f"; nearest types {v['nearest_types']}" if "nearest_types" in v else "")
                  + (f"; by true type {v['unassigned_pct_by_true_type']}; over the load threshold alone {v['cells_over_load_threshold']} cells; "
                     f"kept cells' accuracy {v['accuracy_kept']}" if "unassigned_pct_by_true_type" in v else ""))
     L += ["", "## Issue 13 item 3: class-balanced vote vs EM prior correction (before label spreading)", "",

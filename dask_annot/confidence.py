@@ -25,8 +25,8 @@ type has a *program*: foreign genes most of its cells express. :func:`program_ge
 counts, per cell, the foreign genes more than :data:`PROGRAM_FRACTION` of the cell and
 its neighbours express; the per-label threshold is the :data:`QUANTILE` quantile of the
 same count over the label's reference cells (leave-one-out counts, reference graph).
-Genes the query's cells of every populated nearest type express (:func:`sample_wide`)
-are the sample's and do not count. A cell is rejected only when both signals fire.
+Genes the query's cells of every populated nearest type express, none in most of its
+cells (:func:`sample_wide`), are the sample's and do not count. A cell is rejected only when both signals fire.
 
 **Calibration.** At build time the reference's cells are annotated in held-out folds
 (by dataset when the reference has several, else :data:`N_FOLDS` stratified random
@@ -68,7 +68,8 @@ MIN_GROUP_CELLS = int(round(1 / FOREIGN_MAX_FRACTION))  # cells a fraction needs
 RULE = ("rejected when both: the pooled foreign-gene load, above the query's own per-gene background, is over the label's "
         "leave-one-out reference quantile (on the genes the query measured); and the cell's neighbourhood shares a foreign "
         "program (more foreign genes expressed by most of the cell and its neighbours than the label's reference cells' quantile; "
-        "genes every populated nearest type of the query expresses are the sample's, not a program, and do not count)")
+        "genes every populated nearest type of the query expresses, none of them in most of its cells, are the sample's, "
+        "not a program, and do not count)")
 N_FOLDS = 5
 CALIBRATION_MAX_CELLS = 20_000
 CALIBRATION_K = 500  # annotate's default --k; capped by knn.neighbourhood as at annotate time
@@ -462,10 +463,13 @@ def neighbourhood_matrix(n: int, nbr: np.ndarray | None) -> sp.csr_matrix:
 def sample_wide(E: sp.csr_matrix, fine: np.ndarray, n_labels: int) -> np.ndarray:
     """Per foreign gene (column of ``E``): True when the query's cells of *every* nearest label
     with at least :data:`MIN_GROUP_CELLS` cells express it (at least :data:`MIN_COUNT` UMIs) more
-    often than :data:`FOREIGN_MAX_FRACTION`, and at least two labels are that populated: the
-    reference's foreign rule mirrored on the query. A gene every query population has is the
-    sample's (its chemistry, its gene annotation), not one population's program. A query
-    that falls on a single reference type cannot show this, and keeps every gene."""
+    often than :data:`FOREIGN_MAX_FRACTION` but none of them in more than
+    :data:`PROGRAM_FRACTION` of its cells, and at least two labels are that populated: the
+    reference's foreign rule mirrored on the query. A gene every query population has at a low
+    rate is the sample's (its chemistry, its gene annotation); one that a population expresses
+    in most of its cells is a program, even when every population has it (a foreign tissue
+    spread over several reference types). A query that falls on a single reference type
+    cannot show this, and keeps every gene."""
     E = sp.csr_matrix(E)
     fine = np.asarray(fine, dtype=np.int64)
     sizes = np.bincount(fine, minlength=n_labels)
@@ -475,7 +479,7 @@ def sample_wide(E: sp.csr_matrix, fine: np.ndarray, n_labels: int) -> np.ndarray
     on = sp.csr_matrix(((E.data > 0).astype(np.float64), E.indices, E.indptr), shape=E.shape)
     onehot = sp.csr_matrix((np.ones(fine.size), (fine, np.arange(fine.size))), shape=(n_labels, fine.size))
     frac = (onehot @ on).toarray()[big] / sizes[big, None]
-    return (frac > FOREIGN_MAX_FRACTION).all(axis=0)
+    return (frac > FOREIGN_MAX_FRACTION).all(axis=0) & (frac <= PROGRAM_FRACTION).all(axis=0)
 
 
 def program_genes(E: sp.csr_matrix, nbr: np.ndarray | None) -> np.ndarray:

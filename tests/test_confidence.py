@@ -173,6 +173,8 @@ def test_a_gene_every_populated_query_type_expresses_is_the_samples():
     dense[fine == 2, 2] = 2  # only in the small type
     wide = confidence.sample_wide(sp.csr_matrix(dense), fine, 3)
     assert wide.tolist() == [True, False, False]
+    dense[fine == 1, 0] = 2  # now most of type 1 expresses it: a program, though every type has it
+    assert not confidence.sample_wide(sp.csr_matrix(dense), fine, 3).any()
     # a query on one reference type cannot show what the sample shares
     assert not confidence.sample_wide(sp.csr_matrix(dense), np.zeros(fine.size, dtype=np.int64), 3).any()
 
@@ -208,6 +210,18 @@ def test_a_technology_shift_alone_does_not_reject_a_sample(tmp_path):
     # the load alone still flags (nearly) every cell: the program test is what keeps them
     assert rec["cells_over_load_threshold"] >= 0.9 * 800
     assert rec["cells_with_foreign_program"] == rec["rejected"]
+
+
+def test_another_tissue_on_several_reference_types_stays_unassigned(tmp_path):
+    """E15 mouse pancreas (Bastidas-Ponce) against the built-in mouse immune model: its cells
+    fall on two populated reference types (monocyte, NK) and share their tissue's genes across
+    both; shared programs still count, so the sample stays Unassigned."""
+    res = pipeline.run("p", shared_path("data", "mouse_tissue", "bastidas_mouse_pancreas_e15_739cells.h5ad"),
+                       models=["mouse_immune_v1"], output_dir=tmp_path, settings=config.resolve(scheduler="threads"),
+                       log=lambda m: None, progress=False)
+    rec = json.loads((res[0].model_dir / "run.json").read_text())["confidence"]
+    assert sum(v["cells"] >= confidence.MIN_GROUP_CELLS for v in rec["rejected_by_nearest_type"].values()) >= 2
+    assert rec["rejected"] / 739 >= 0.9, rec["rejected"]
 
 
 def test_a_mostly_unassigned_run_says_why_in_the_log_and_run_json(tmp_path):
