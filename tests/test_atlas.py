@@ -170,3 +170,25 @@ def test_ivf_on_a_reference_without_lists_is_a_clear_error(references, tmp_path)
         _annotate(tmp_path, references["plain"], knn_method="ivf")
     with pytest.raises(ValueError, match="--shard-cells 0: must be a positive"):
         knn.plan_shards(np.zeros((10, 2), np.float32), n_cells=10, shard_cells=0)
+
+
+def test_on_a_cluster_each_worker_maps_only_its_own_shards(references, tmp_path, local_cluster_client):
+    """4 shards on 2 workers: shard i's searches run on the i-th worker (cyclic), so a cluster can
+    hold a reference no single worker could; the outputs are those of the threaded run."""
+    client = local_cluster_client
+    ref = tmp_path / "ivf_copy"  # a path no earlier test's workers have loaded
+    shutil.copytree(references["ivf"], ref)
+    threads = _annotate(tmp_path / "t", ref, knn_method="ivf", chunk_cells=300)
+    dist = _annotate(tmp_path / "d", ref, knn_method="ivf", scheduler=client.scheduler.address, chunk_cells=300)
+    assert _outputs(dist) == _outputs(threads)
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    rec = json.loads((dist / "run.json").read_text())
+    assert rec["parameters"]["shard_placement"] == [workers[i % 2] for i in range(4)]
+    path = str(ref.resolve())
+
+    def searched_shards(path=path):
+        from dask_annot import refcache as rc
+        return sorted(int(k[2].split("_")[-1].split(".")[0]) for k in rc.LOADS if k[0] == "shard-bylist32" and k[1] == path)
+
+    loaded = client.run(searched_shards)
+    assert loaded == {workers[0]: [0, 2], workers[1]: [1, 3]}
