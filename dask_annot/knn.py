@@ -12,6 +12,7 @@ found) and ``dist`` (float32, ``inf`` there), sorted by (distance, index).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ import numba
 import numpy as np
 
 from . import refcache
+from .errors import ReferenceArtifactError
 from .normalize import check_cell_chunked
 
 Method = Literal["exact", "ann", "ivf"]
@@ -208,6 +210,20 @@ def _exact_top(q: np.ndarray, model, k: int, offset: int = 0) -> tuple[np.ndarra
     return out_val, out_idx + np.int64(offset)
 
 
+def exact_search(q: np.ndarray, ref_unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_exact_top` of ``q`` among the unit rows ``ref_unit`` (float64 similarities and
+    indices, ties by index), in memory bounded by its tiles whatever the reference size."""
+    from types import SimpleNamespace
+
+    return _exact_top(q, SimpleNamespace(embedding_unit=ref_unit, screen_arrays=screen_arrays(ref_unit)), k)
+
+
+def records_from_dots(vals: np.ndarray, ids: np.ndarray, k_out: int) -> np.ndarray:
+    """Neighbour records (:func:`neighbor_dtype`) from float64 cosine similarities ordered by
+    (value desc, index asc); missing entries (-inf) become index -1, distance inf."""
+    return _records_from_dots(vals, ids, k_out)
+
+
 def _sorted_records(idx, dist, k: int) -> np.ndarray:
     """Neighbour records sorted by (distance, index); missing neighbours (index < 0 or a
     non-finite distance) last, as index -1 and distance inf."""
@@ -315,7 +331,7 @@ class Shard:
 
     def _array(self, name: str) -> np.ndarray:
         digest = dict(self.checksums)[name]
-        return refcache.cached(("shard", self.path, name, digest), lambda: np.load(os.path.join(self.path, name), mmap_mode="r"))
+        return refcache.cached(("shard", self.path, name, digest), lambda: _load_checked(os.path.join(self.path, name), digest))
 
     @property
     def embedding_unit(self) -> np.ndarray:
@@ -349,6 +365,22 @@ class Shard:
         list (local indices, ascending within a list) and list offsets."""
         return (self._array(IVF_CENTROIDS), self._array(shard_file("members", self.number)),
                 self._array(shard_file("offsets", self.number)))
+
+
+def _load_checked(path: str, digest: str) -> np.ndarray:
+    """A shard file, memory-mapped, after checking its sha256 against the reference's record:
+    shard files are checked here, by the process that maps them, not when the reference is
+    loaded (a worker holding one shard never reads the others)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ReferenceArtifactError(f"{path}: cannot be read ({exc}); the reference is damaged, rebuild it") from exc
+    if h.hexdigest() != digest:
+        raise ReferenceArtifactError(f"{path}: its checksum differs from reference.json; the reference is damaged, rebuild it")
+    return np.load(path, mmap_mode="r")
 
 
 def shard_file(kind: str, number: int) -> str:
@@ -604,7 +636,18 @@ def _by_list(pairs_l: np.ndarray, pairs_q: np.ndarray):
 
 
 def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The exact float64 top k among the members of each query's probed lists in this shard.
+    """The exact float64 top k among the members of each query's probed lists in this shard
+    (global indices): :func:`ivf_search` on the shard's memory-mapped lists."""
+    _, members, offsets = shard.ivf()
+    vals, idx = ivf_search(q, probed, np.asarray(members), np.asarray(offsets), shard.by_list32(), shard.by_list64(), k)
+    return vals, np.where(idx >= 0, idx + shard.start, -1)
+
+
+def ivf_search(q: np.ndarray, probed: np.ndarray, members: np.ndarray, offsets: np.ndarray, ref32: np.ndarray,
+               ref64: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact float64 top k among the members of each query's probed lists (``members``:
+    reference rows in list order, list ``l`` at ``offsets[l]:offsets[l+1]``; ``ref32`` /
+    ``ref64``: the unit reference rows in that order), ties by reference index.
 
     Two float32 BLAS passes, list by list (the queries probing a list against its members,
     stored contiguously in list order): the first, over each query's nearest lists only
@@ -615,9 +658,6 @@ def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[n
     float64 top k of the probed lists, whatever the tiling, BLAS or thread count.
     """
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
-    _, members, offsets = shard.ivf()
-    members, offsets = np.asarray(members), np.asarray(offsets)
-    ref32, ref64 = shard.by_list32(), shard.by_list64()
     sizes = np.diff(offsets)
     n = q64.shape[0]
     out_val = np.full((n, k), -np.inf)
@@ -658,7 +698,55 @@ def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[n
                 _keep_list(qs32[qi] @ ref32[o0:o1].T, qi, floor, o0, cand, count)
         vals, ids = _rescore_lists(qs64, ref64, members, cand, count, k)
         out_val[lo : lo + nq], out_idx[lo : lo + nq] = vals, ids
-    return out_val, np.where(out_idx >= 0, out_idx + shard.start, -1)
+    return out_val, out_idx
+
+
+def inverted_lists(unit: np.ndarray, n_lists: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroids (spherical k-means), members (rows in list order) and offsets of ``unit`` rows."""
+    cent = spherical_kmeans(unit, n_lists, seed=seed)
+    assign = _assign(unit, cent)
+    members = np.argsort(assign, kind="stable").astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=cent.shape[0]))]).astype(np.int64)
+    return cent, members, offsets
+
+
+SELF_PROBES = 8
+
+
+def self_neighbors(embedding: np.ndarray, k: int, *, seed: int = 0, block: int = 8192) -> np.ndarray:
+    """Each row's ``k`` nearest other rows (cosine, ties to the lower index; -1 where fewer)
+    for large sets, in memory bounded by the block: through inverted lists (about 1,000 rows
+    each, :data:`SELF_PROBES` probed per row): deterministic and float64 re-scored, approximate
+    only in the lists it does not probe."""
+    unit = np.ascontiguousarray(unit_rows(np.asarray(embedding, dtype=np.float64)))
+    n = unit.shape[0]
+    k = int(min(k, max(n - 1, 0)))
+    out = np.full((n, max(k, 0)), -1, dtype=np.int64)
+    if k < 1:
+        return out
+    cent, members, offsets = inverted_lists(unit, default_lists(n), seed=seed)
+    ref64 = np.ascontiguousarray(unit[members])
+    ref32 = ref64.astype(np.float32)
+    top = lambda q: ivf_search(q, _probe_tile(q, cent, SELF_PROBES), members, offsets, ref32, ref64, k + 1)  # noqa: E731
+
+    def one(lo: int) -> None:
+        hi = min(lo + block, n)
+        _, idx = top(unit[lo:hi])
+        own = idx == np.arange(lo, hi)[:, None]
+        # drop each row itself (or, if it was not among the k + 1, the last one)
+        drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+        keep = np.ones(idx.shape, dtype=bool)
+        keep[np.arange(hi - lo), drop] = False
+        out[lo:hi] = idx[keep].reshape(hi - lo, k)
+
+    # small GEMMs: one BLAS thread each (a multi-threaded BLAS spins on them), blocks in parallel threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(one, range(0, n, block)))
+    return out
 
 
 _TOP_DTYPE = lambda k: np.dtype([("val", np.float64, (k,)), ("idx", np.int64, (k,))])  # noqa: E731
