@@ -461,7 +461,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             run_warnings = [*run_warnings, (
                 f"{mdl.name}: {rejected.mean():.0%} of the cells are Unassigned (unlike the reference). Either the sample "
                 "holds cell types this reference lacks (another tissue), or it was made with another technology than the "
-                "reference, which this test cannot tell apart; in the second case rerun with --reject none and read "
+                "reference in a way that also looks like foreign programs; in the second case rerun with --reject none and read "
                 "final_level_softmax_prob (see docs/confidence.md)")]
             log("warning: " + run_warnings[-1])
     else:
