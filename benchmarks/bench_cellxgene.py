@@ -160,6 +160,146 @@ def cmd_evidence(a) -> None:
                                           "process_peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}}))
 
 
+def _cl_pool(n: int) -> list[str]:
+    """``n`` Cell Ontology ids of the shipped release with distinct names (sorted ids, first ``n``)."""
+    sys.path.insert(0, str(ROOT))
+    from dask_annot.ontology import cell_ontology
+
+    cl, seen, out = cell_ontology(), set(), []
+    for term in sorted(cl):
+        name = cl[term]["label"]
+        if term.startswith("CL:") and name not in seen:
+            seen.add(name)
+            out.append(term)
+        if len(out) == n:
+            return out
+    raise SystemExit(f"the shipped Cell Ontology has fewer than {n} distinctly named CL terms")
+
+
+def write_relabelled_reference(source: Path, label_column: str, n_cells: int, n_labels: int, n_datasets: int, out: Path,
+                               *, seed: int = 0) -> Path:
+    """One CELLxGENE-schema h5ad of ``n_cells`` real cells (``source``'s cells repeated in order),
+    re-labelled into ``n_labels`` Cell Ontology ids over ``n_datasets`` dataset ids.
+
+    The labels keep the source's types apart: type t of T gets its own share of the
+    ``n_labels`` ids and each cell one of them at random (seeded), so every label is one real
+    type; the dataset id (a UUID-shaped string, as CELLxGENE's) is drawn uniformly per cell.
+    ``n_labels=0``: the source's own labels (through the sorted PBMC's CL map), one dataset.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    if out.exists():
+        return out
+    sys.path.insert(0, str(ROOT))
+    from dask_annot import h5
+
+    info = h5.open_matrix(source)
+    X = h5.read_cells(info, 0, info.n_cells)
+    own = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+    rows = np.arange(n_cells) % info.n_cells
+    rng = np.random.default_rng(seed)
+    if n_labels:
+        types, t_of = np.unique(own, return_inverse=True)
+        share = np.array_split(np.array(_cl_pool(n_labels)), types.size)
+        pick = rng.random(n_cells)
+        labels = np.array([share[t][int(u * share[t].size)] for t, u in zip(t_of[rows].tolist(), pick.tolist())], dtype=object)
+        ds_names = np.array([f"{i:08x}-0000-4000-8000-{i * 7919:012x}" for i in range(n_datasets)], dtype=object)
+        datasets = ds_names[rng.integers(0, n_datasets, n_cells)]
+    else:
+        labels = own[rows]
+        datasets = np.full(n_cells, "baseline-dataset", dtype=object)
+    var = pd.DataFrame({"feature_name": list(info.feature_names)}, index=pd.Index(list(info.feature_ids)))
+    obs = pd.DataFrame({"cell_type_ontology_term_id": pd.Categorical(labels), "dataset_id": pd.Categorical(datasets),
+                        "is_primary_data": True}, index=pd.Index([f"c{j:07d}" for j in range(n_cells)]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.h5ad")
+    ad.AnnData(X=X[rows], obs=obs, var=var).write_h5ad(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def write_tiled_query(source: Path, n_cells: int, out: Path) -> Path:
+    """An h5ad of ``n_cells`` real cells: ``source``'s raw counts repeated (each copy its own barcode)."""
+    import anndata as ad
+    import pandas as pd
+
+    if out.exists():
+        return out
+    sys.path.insert(0, str(ROOT))
+    from dask_annot import h5
+
+    info = h5.open_matrix(source)
+    X = h5.read_cells(info, 0, info.n_cells)
+    rows = np.arange(n_cells) % info.n_cells
+    var = pd.DataFrame(index=pd.Index(list(info.feature_names)))
+    var["gene_ids"] = list(info.feature_ids)
+    var = var[~var.index.duplicated()]
+    keep_cols = np.flatnonzero(~pd.Index(list(info.feature_names)).duplicated())
+    obs = pd.DataFrame(index=pd.Index([f"q{j:07d}-1" for j in range(n_cells)]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.h5ad")
+    ad.AnnData(X=X[rows][:, keep_cols], obs=obs, var=var).write_h5ad(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def cmd_annotate(a) -> None:
+    """End to end: build the 300 x 100 reference and the baseline one, annotate the same
+    100k-cell query with each, compare peak memory (all processes) and the JSON evidence."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_scale import run_measured
+
+    work = Path(a.workdir)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    query = write_tiled_query(Path(a.query), a.query_cells, work / f"query_{a.query_cells}.h5ad")
+    results = {}
+    for tag, n_labels, n_datasets in (("wide", a.labels, a.datasets), ("baseline", 0, 1)):
+        t = time.time()
+        src = write_relabelled_reference(Path(a.tile), a.label_column, a.reference_cells, n_labels, n_datasets,
+                                         work / f"ref_{tag}_{a.reference_cells}.h5ad")
+        made = round(time.time() - t, 1)
+        ref = work / f"ref_{tag}"
+        if not (ref / "reference.json").exists():
+            import shutil
+
+            shutil.rmtree(ref, ignore_errors=True)
+            b = run_measured([sys.executable, "-m", "dask_annot", "build-reference", "--input", str(src), "--name", "cxg_" + tag,
+                              "--output", str(ref)], log=work / f"build_{tag}.log", env=env, cwd=ROOT)
+            if b["returncode"]:
+                raise SystemExit(f"build {tag} failed, see {b['log']}")
+        else:
+            b = None
+        meta = json.loads((ref / "reference.json").read_text())
+        out = work / f"run_{tag}"
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "dask_annot", "annotate", "--id", tag, "--matrix", str(query), "--cell-annotation-model", str(ref),
+               "--output-dir", str(out), "--quiet", *a.annotate_args]
+        r = run_measured(cmd, log=work / f"annotate_{tag}.log", env=env, cwd=ROOT)
+        if r["returncode"]:
+            raise SystemExit(f"annotate {tag} failed, see {r['log']}")
+        mdir = out / tag / "outs" / "segmented_outs" / "cell_types" / ("cxg_" + tag)
+        ev = mdir / "cell_annotation_results.json.gz"
+        run = json.loads((mdir / "run.json").read_text())
+        n_entries = 0
+        with gzip.open(ev, "rt") as fh:
+            for line in fh:
+                n_entries += line.count('"dataset_id"') if '"dataset_id"' in line else 0
+        results[tag] = {"reference_cells": meta["n_cells"], "labels": len(meta["labels"]), "datasets": len(meta["datasets"]),
+                        "reference_h5ad_seconds": made, "build": b, "annotate": r, "timings_s": run["timings_s"],
+                        "k_used": run["parameters"].get("k_used"), "chunk_cells": run["parameters"].get("chunk_cells"),
+                        "evidence_gz_mb": round(ev.stat().st_size / 2**20, 1), "query_cells": run["cells"]}
+        print(json.dumps({tag: results[tag]}), flush=True)
+    w, base = results["wide"]["annotate"], results["baseline"]["annotate"]
+    print(json.dumps({"peak_ratio_wide_over_baseline": round(w["peak_rss_gb"] / base["peak_rss_gb"], 3),
+                      "wall_ratio_wide_over_baseline": round(w["wall_s"] / base["wall_s"], 3)}), flush=True)
+    (work / "annotate_results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -176,8 +316,18 @@ def main() -> None:
     e.add_argument("--labels", type=int, default=300)
     e.add_argument("--datasets", type=int, default=100)
     e.add_argument("--reference-cells", type=int, default=1_000_000)
+    n = sub.add_parser("annotate")
+    n.add_argument("--reference-cells", type=int, default=100_000)
+    n.add_argument("--labels", type=int, default=300)
+    n.add_argument("--datasets", type=int, default=100)
+    n.add_argument("--query-cells", type=int, default=100_000)
+    n.add_argument("--tile", default=str(ROOT.parent / "shared/data/pbmc_sorted_zheng2017/pbmc_sorted_3500.h5ad"))
+    n.add_argument("--label-column", default="trueLabel")
+    n.add_argument("--query", default=str(ROOT.parent / "shared/data/pbmc4k_soupx/pbmc4k_2170cells_soupx_labels.h5ad"))
+    n.add_argument("--workdir", default="/tmp/dask-annot-bench-cxg-annotate")
+    n.add_argument("annotate_args", nargs="*", help="extra flags for annotate (after --)")
     a = ap.parse_args()
-    cmd_build(a) if a.cmd == "build" else cmd_evidence(a)
+    {"build": cmd_build, "evidence": cmd_evidence, "annotate": cmd_annotate}[a.cmd](a)
 
 
 if __name__ == "__main__":

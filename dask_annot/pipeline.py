@@ -799,3 +799,37 @@ def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = N
     summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de,
                               spatial=pos.summary_spatial() if pos is not None else None)
     return out
+
+
+def dask_parallelism() -> int:
+    """How many tasks the current Dask scheduler runs at once: the threads of the default
+    ``distributed`` client when there is one, else the configured ``num_workers`` (or the cores)."""
+    try:
+        from distributed import default_client
+
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):
+        return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+
+
+def results_in_order(tasks, *, window: int | None = None):
+    """The results of delayed ``tasks`` one by one, in the tasks' order, on the current scheduler.
+
+    Computed ``window`` tasks at a time (default :func:`dask_parallelism`), the next window
+    while the caller consumes this one, so at most two windows of results are held, and a
+    caller that adds them up in this order gets the same sums whatever computed them
+    (``build-reference`` reads the Census this way, see :mod:`dask_annot.sources`).
+    """
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(tasks)
+    size = window or dask_parallelism()
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-annot-slices") as ex:
+        batch = list(itertools.islice(it, size))
+        pending = ex.submit(dask.compute, *batch) if batch else None
+        while pending is not None:
+            done = pending.result()
+            batch = list(itertools.islice(it, size))
+            pending = ex.submit(dask.compute, *batch) if batch else None
+            yield from done
