@@ -300,6 +300,79 @@ def cmd_annotate(a) -> None:
     (work / "annotate_results.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
+def write_soma_census(source: Path, label_column: str, n_cells: int, n_datasets: int, uri: Path) -> Path:
+    """A Census-shaped local SOMA store (``census_data/homo_sapiens``, ``X['raw']``,
+    ``census_info/summary``) of ``n_cells`` real cells: ``source``'s cells repeated, their own
+    labels as CL ids (the sorted PBMC map), the dataset id drawn per cell (seed 0)."""
+    import anndata as ad
+    import pandas as pd
+    import pyarrow as pa
+    import tiledbsoma as soma
+    import tiledbsoma.io
+
+    if (uri / "census_data").exists():
+        return uri
+    sys.path.insert(0, str(ROOT))
+    from dask_annot import h5
+
+    info = h5.open_matrix(source)
+    X = h5.read_cells(info, 0, info.n_cells)
+    own = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+    rows = np.arange(n_cells) % info.n_cells
+    datasets = np.array([f"dataset-{i:03d}" for i in range(n_datasets)], dtype=object)[np.random.default_rng(0).integers(0, n_datasets, n_cells)]
+    obs = pd.DataFrame({"cell_type_ontology_term_id": own[rows].astype(str), "dataset_id": datasets.astype(str),
+                        "is_primary_data": True}, index=pd.Index([f"c{j:07d}" for j in range(n_cells)]))
+    var = pd.DataFrame({"feature_id": list(info.feature_ids), "feature_name": list(info.feature_names)},
+                       index=pd.Index(list(info.feature_ids)))
+    a = ad.AnnData(X=X[rows].astype(np.float32), obs=obs, var=var)
+    with soma.Collection.create(str(uri)) as root:
+        root.add_new_collection("census_data")
+        cinfo = root.add_new_collection("census_info")
+        schema = pa.schema([("label", pa.large_string()), ("value", pa.large_string())])
+        summ = cinfo.add_new_dataframe("summary", schema=schema, index_column_names=["soma_joinid"], domain=[(0, 1)])
+        summ.write(pa.table({"soma_joinid": pa.array([0, 1], pa.int64()), "label": ["census_schema_version", "census_build_date"],
+                             "value": ["bench", "bench"]}))
+    exp_uri = f"{uri}/census_data/homo_sapiens"
+    tiledbsoma.io.from_anndata(exp_uri, a, measurement_name="RNA", X_layer_name="raw")
+    with soma.Collection.open(f"{uri}/census_data", "w") as cd, soma.Experiment.open(exp_uri) as exp:
+        cd.set("homo_sapiens", exp, use_relative_uri=True)
+    return uri
+
+
+def cmd_census(a) -> None:
+    """build-reference --census-uri on a local SOMA store: the slices read by 1 or 2 Dask
+    threads, 2 LocalCluster workers, and (``--main``) another checkout's code; arrays compared."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_scale import run_measured
+
+    sys.path.insert(0, str(ROOT))
+    from dask_annot.reference import read_artifact
+
+    work = Path(a.workdir)
+    uri = write_soma_census(Path(a.tile), a.label_column, a.cells, a.datasets, work / f"census_{a.cells}")
+    runs = [(f"{s}-{n}", ROOT, ["--scheduler", s, "--n-workers", str(n)]) for s, n in a.runs]
+    if a.main:
+        runs.insert(0, ("serial-main", Path(a.main), []))
+    results, first = {}, None
+    for tag, code, flags in runs:
+        out = work / f"ref_{tag}"
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "dask_annot", "build-reference", "--census", "", "--census-uri", str(uri), "--name", "census_bench",
+               "--output", str(out), *flags]
+        r = run_measured(cmd, log=work / f"build_{tag}.log", env=dict(os.environ, PYTHONPATH=str(code)), cwd=code)
+        if r["returncode"]:
+            raise SystemExit(f"{tag} failed, see {r['log']}")
+        arrays = read_artifact(out)[1]
+        if first is None:
+            first = arrays
+        same = sorted(arrays) == sorted(first) and all(np.array_equal(arrays[k], first[k]) for k in first)
+        results[tag] = {**r, "identical_to_" + runs[0][0]: same, "code": str(code)}
+        print(json.dumps({tag: results[tag]}), flush=True)
+    (work / "census_results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -326,8 +399,18 @@ def main() -> None:
     n.add_argument("--query", default=str(ROOT.parent / "shared/data/pbmc4k_soupx/pbmc4k_2170cells_soupx_labels.h5ad"))
     n.add_argument("--workdir", default="/tmp/dask-annot-bench-cxg-annotate")
     n.add_argument("annotate_args", nargs="*", help="extra flags for annotate (after --)")
+    c = sub.add_parser("census")
+    c.add_argument("--cells", type=int, default=50_000)
+    c.add_argument("--datasets", type=int, default=20)
+    c.add_argument("--tile", default=str(ROOT.parent / "shared/data/pbmc_sorted_zheng2017/pbmc_sorted_3500.h5ad"))
+    c.add_argument("--label-column", default="trueLabel")
+    c.add_argument("--main", default=None, help="also build with this checkout's code (e.g. /work/main: Census read on the driver)")
+    c.add_argument("--runs", default=[("threads", 1), ("threads", 2), ("local", 2)],
+                   type=lambda v: [(x.split(":")[0], int(x.split(":")[1])) for x in v.split(",")],
+                   help="scheduler:workers,... (default threads:1,threads:2,local:2)")
+    c.add_argument("--workdir", default="/tmp/dask-annot-bench-census")
     a = ap.parse_args()
-    {"build": cmd_build, "evidence": cmd_evidence, "annotate": cmd_annotate}[a.cmd](a)
+    {"build": cmd_build, "evidence": cmd_evidence, "annotate": cmd_annotate, "census": cmd_census}[a.cmd](a)
 
 
 if __name__ == "__main__":

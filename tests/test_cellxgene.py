@@ -223,6 +223,17 @@ def test_census_read_in_dask_slices_equals_the_serial_h5ad_build(cxg, soma_uri, 
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_command_line_census_build_on_a_chosen_scheduler(refs, soma_uri, tmp_path):
+    from dask_annot.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["build-reference", "--census", "is_primary_data == True", "--census-uri", soma_uri, "--name", "cxg",
+                 "--output", str(out), "--scheduler", "threads", "--n-workers", "2"]) == 0
+    a, b = _arrays(refs["census"]), _arrays(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_reference_records_sources_filter_datasets_and_counts(refs, cxg):
     meta = read_artifact(refs["census"])[0]
     src = meta["source"]
