@@ -93,3 +93,15 @@ def test_memory_preflight_counts_the_evidence_kernel():
 
     base = chunk_memory_bytes(10_000, n_genes=2000, k=500, n_ref=0, method="ann")
     assert base >= 10_000 * (2000 * 20 + 500 * 32) + outputs.evidence_memory_bytes(10_000, k=500)
+
+
+def test_entry_order_one_key_equals_lexsort(rng):
+    """The combined-key sort gives lexsort's order (the fallback for keys beyond int64)."""
+    idx = rng.integers(-1, 400, (60, 40))
+    codes_l, codes_d = rng.integers(0, 9, 400), rng.integers(0, 5, 400)
+    ds_rank = rng.permutation(5)
+    cell, lab, ds, cnt, tot = outputs._evidence_entries(idx, codes_l, codes_d, ds_rank, 9, 5)
+    kw = dict(n_cells=60, n_labels=9, n_ds=5)
+    one = outputs._entry_order(cell, tot, lab, cnt, ds_rank[ds], **kw)
+    lex = outputs._entry_order(cell, tot, lab, cnt, ds_rank[ds], **kw, max_key=1.0)
+    assert np.array_equal(one, lex) and np.array_equal(one, np.arange(cell.size))  # entries come out already in order
