@@ -208,14 +208,18 @@ def _block_gram(block, hvg, mean, std, target_sum, clip) -> np.ndarray:
 
 
 def _block_embedding(block, hvg, mean, std, target_sum, clip, w: np.ndarray) -> np.ndarray:
-    """Pass 3's kernel: one block's embedding. On one BLAS thread: OpenBLAS splits this
-    product differently over its threads (measured: not bit-identical with 1 and 2), and a
-    reference must not depend on where its blocks were computed."""
+    """Pass 3's kernel: one block's embedding."""
+    return project_one_thread(_block_zscores(block, hvg, mean, std, target_sum, clip), w).astype(np.float32)
+
+
+def project_one_thread(z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``z @ w`` on one BLAS thread: OpenBLAS splits this product differently over its threads
+    (real z-scores: last-bit differences between 1 and 2 threads), and a reference must not
+    depend on where its blocks were computed (a Dask worker's BLAS has one thread, the driver all)."""
     from threadpoolctl import threadpool_limits
 
-    zb = _block_zscores(block, hvg, mean, std, target_sum, clip)
     with threadpool_limits(limits=1, user_api="blas"):
-        return (zb @ w).astype(np.float32)
+        return z @ w
 
 
 def _block_counts(block):

@@ -223,6 +223,28 @@ def test_census_read_in_dask_slices_equals_the_serial_h5ad_build(cxg, soma_uri, 
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_embedding_product_does_not_depend_on_the_blas_threads():
+    """A Dask worker runs BLAS on one thread (the nanny's OPENBLAS_NUM_THREADS=1), the driver on
+    all cores; OpenBLAS splits ``z @ w`` differently over threads, so the kernel pins one thread."""
+    from threadpoolctl import threadpool_limits
+
+    from dask_annot import build
+    from dask_annot.normalize import mean_var
+
+    info = h5.open_matrix(shared_path("data", "pbmc_sorted_zheng2017", "pbmc_sorted_3500.h5ad"))
+    X = h5.read_cells(info, 0, info.n_cells)
+    s1, s2, nexpr, n = build._block_moments(X, 1e4)
+    mean, var = mean_var(s1, s2, n)
+    hvg = build.select_hvg(mean, var, nexpr, 1000)
+    w = np.random.default_rng(0).standard_normal((hvg.size, 30))
+    z = build._block_zscores(X, hvg, mean[hvg], np.sqrt(var[hvg]), 1e4, 10.0)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = build.project_one_thread(z, w)
+    with threadpool_limits(limits=2, user_api="blas"):
+        two = build.project_one_thread(z, w)
+    np.testing.assert_array_equal(one, two)  # float64: the float32 embedding would hide most differences
+
+
 def test_command_line_census_build_on_a_chosen_scheduler(refs, soma_uri, tmp_path):
     from dask_annot.cli import main
 
