@@ -244,6 +244,53 @@ def write_tiled_query(source: Path, n_cells: int, out: Path) -> Path:
     return out
 
 
+class _RssTimeline:
+    """Summed RSS of this process's children (and theirs) every 0.5 s, to say in which stage
+    of annotate the peak fell (stages from run.json's timings, in run order, ending at exit)."""
+
+    STAGES = ("fingerprint", "convert", "geometry", "load_model", "annotate", "consensus", "de", "write", "summary")
+
+    def __enter__(self):
+        import threading
+
+        import psutil
+
+        self._me, self.points, self._stop = psutil.Process(), [], threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        import psutil
+
+        while not self._stop.wait(0.5):
+            total = 0
+            for p in self._me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.points.append((time.perf_counter() - self._t0, total))
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def stage_of_peak(self, timings: dict, wall: float) -> dict:
+        if not self.points:
+            return {}
+        t_peak, peak = max(self.points, key=lambda x: x[1])
+        stages = [(k, float(timings[k])) for k in self.STAGES if k in timings]
+        end = wall  # stages end at the process's exit (imports and set-up come first)
+        bounds = []
+        for name, secs in reversed(stages):
+            bounds.append((name, end - secs, end))
+            end -= secs
+        stage = next((n for n, lo, hi in bounds if lo <= t_peak <= hi), "start-up")
+        return {"stage": stage, "at_s": round(t_peak, 1), "rss_gb": round(peak / 1e9, 3)}
+
+
 def cmd_annotate(a) -> None:
     """End to end: build the 300 x 100 reference and the baseline one, annotate the same
     100k-cell query with each, compare peak memory (all processes) and the JSON evidence."""
@@ -279,7 +326,8 @@ def cmd_annotate(a) -> None:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "dask_annot", "annotate", "--id", tag, "--matrix", str(query), "--cell-annotation-model", str(ref),
                "--output-dir", str(out), "--quiet", *a.annotate_args]
-        r = run_measured(cmd, log=work / f"annotate_{tag}.log", env=env, cwd=ROOT)
+        with _RssTimeline() as timeline:
+            r = run_measured(cmd, log=work / f"annotate_{tag}.log", env=env, cwd=ROOT)
         if r["returncode"]:
             raise SystemExit(f"annotate {tag} failed, see {r['log']}")
         mdir = out / tag / "outs" / "segmented_outs" / "cell_types" / ("cxg_" + tag)
@@ -292,7 +340,8 @@ def cmd_annotate(a) -> None:
         results[tag] = {"reference_cells": meta["n_cells"], "labels": len(meta["labels"]), "datasets": len(meta["datasets"]),
                         "reference_h5ad_seconds": made, "build": b, "annotate": r, "timings_s": run["timings_s"],
                         "k_used": run["parameters"].get("k_used"), "chunk_cells": run["parameters"].get("chunk_cells"),
-                        "evidence_gz_mb": round(ev.stat().st_size / 2**20, 1), "query_cells": run["cells"]}
+                        "evidence_gz_mb": round(ev.stat().st_size / 2**20, 1), "query_cells": run["cells"],
+                        "peak_stage": timeline.stage_of_peak(run["timings_s"], r["wall_s"])}
         print(json.dumps({tag: results[tag]}), flush=True)
     w, base = results["wide"]["annotate"], results["baseline"]["annotate"]
     print(json.dumps({"peak_ratio_wide_over_baseline": round(w["peak_rss_gb"] / base["peak_rss_gb"], 3),
