@@ -287,8 +287,14 @@ class _RssTimeline:
         for name, secs in reversed(stages):
             bounds.append((name, end - secs, end))
             end -= secs
-        stage = next((n for n, lo, hi in bounds if lo <= t_peak <= hi), "start-up")
-        return {"stage": stage, "at_s": round(t_peak, 1), "rss_gb": round(peak / 1e9, 3)}
+        def stage_at(t):
+            return next((n for n, lo, hi in bounds if lo <= t <= hi), "start-up")
+
+        by_stage: dict[str, float] = {}
+        for t, rss in self.points:
+            by_stage[stage_at(t)] = max(by_stage.get(stage_at(t), 0), rss)
+        return {"stage": stage_at(t_peak), "at_s": round(t_peak, 1), "rss_gb": round(peak / 1e9, 3),
+                "peak_gb_by_stage": {k: round(v / 1e9, 3) for k, v in by_stage.items()}}
 
 
 def cmd_annotate(a) -> None:
