@@ -3,7 +3,8 @@
 
 One command (from the repository root)::
 
-    nice -n 10 python benchmarks/bench_atlas.py [--ref-cells 1000000] [--query-cells 1200000] [--sample 2000]
+    nice -n 10 python benchmarks/bench_atlas.py [--ref-cells 1000000] [--query-cells 1200000] [--sample 2000] \
+        [--workers-query-cells 200000] [--skip-pynndescent]
 
 What it does, writing ``benchmarks/results/atlas.{json,md}``:
 
@@ -20,7 +21,7 @@ What it does, writing ``benchmarks/results/atlas.{json,md}``:
 4. ``dask-annot annotate`` of the query against each reference (threads, default chunks):
    wall, peak memory of all processes, graph bytes per submission (run.json), whether the
    two references' outputs are byte-identical; then ``--scheduler local`` with 1 and 2
-   single-threaded workers on the 1-shard reference: the speed-up.
+   single-threaded workers on the 1-shard reference (a ``--workers-query-cells`` query): the speed-up.
 
 Every run records the machine's 1-minute load at its start and how many cores other
 processes kept busy meanwhile (``bench_scale.PeakRSS``): this machine is shared.
@@ -108,7 +109,7 @@ def outputs_digest(mdir: str) -> dict:
     return out
 
 
-def search_quality(store_path: str, ref: dict, *, sample: int, k: int, probes: int | None) -> dict:
+def search_quality(store_path: str, ref: dict, *, sample: int, k: int, probes: int | None, pynndescent: bool = True) -> dict:
     """Recall@k and top-label agreement against the exact search, and seconds per 10k cells (one thread)."""
     from threadpoolctl import threadpool_limits
 
@@ -148,6 +149,8 @@ def search_quality(store_path: str, ref: dict, *, sample: int, k: int, probes: i
 
     res["exact"] = {"cpu_s_per_10k_cells_1thread": round(t_exact / sample * 10_000, 2)}
     res["ivf"] = score(ivf, t_ivf)
+    if not pynndescent:
+        return res
     # pynndescent, as annotate's `ann` search runs it (index built with build-reference's parameters)
     t0 = time.process_time()
     with threadpool_limits(1):
@@ -175,13 +178,14 @@ def md(r: dict) -> str:
     q = r["quality"]
     L.append(f"| exact (float64) | 1 | 1 | {q['exact']['cpu_s_per_10k_cells_1thread']} |")
     L.append(f"| ivf ({q['probes']} of {q['n_lists']} lists) | {q['ivf']['recall']} | {q['ivf']['top_label_agreement']} | {q['ivf']['cpu_s_per_10k_cells_1thread']} |")
-    L.append(f"| pynndescent (eps 0.2) | {q['pynndescent']['recall']} | {q['pynndescent']['top_label_agreement']} | {q['pynndescent']['cpu_s_per_10k_cells_1thread']} (index {q['pynndescent']['index_build_cpu_s']} CPU s) |")
+    if "pynndescent" in q:
+        L.append(f"| pynndescent (eps 0.2) | {q['pynndescent']['recall']} | {q['pynndescent']['top_label_agreement']} | {q['pynndescent']['cpu_s_per_10k_cells_1thread']} (index {q['pynndescent']['index_build_cpu_s']} CPU s) |")
     L += ["", "## annotate runs\n", "| run | wall s | peak GB | graph bytes (annotate / de) | load at start | other procs' cores |", "|---|---|---|---|---|---|"]
     for tag, a in r["annotate"].items():
         gb = a.get("graph_bytes") or {}
         L.append(f"| {tag} | {a['wall_s']} | {a['peak_rss_gb']} | {gb.get('annotate')} / {gb.get('de')} | {a['load_avg_1min_at_start']} | {a['other_processes_mean_cores']} |")
     L += ["", f"1 vs {r['shards']} shards byte-identical: **{r.get('shards_identical')}**.",
-          f"1 vs 2 workers speed-up (wall): **{r.get('speedup_2_workers')}**.", ""]
+          f"1 vs 2 workers speed-up (wall, {r.get('workers_query_cells', r['query_cells']):,} query cells): **{r.get('speedup_2_workers')}**.", ""]
     if r.get("extrapolation"):
         L += ["## Extrapolation (labelled: not measured at full size)\n", "```", json.dumps(r["extrapolation"], indent=1), "```"]
     return "\n".join(L) + "\n"
@@ -195,6 +199,9 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--probes", type=int, default=None, help="lists probed (default: the reference's)")
     p.add_argument("--skip-workers", action="store_true", help="no 1 vs 2 worker runs")
+    p.add_argument("--workers-query-cells", type=int, default=200_000,
+                   help="query cells of the 1 vs 2 worker runs (a separate simulated query, seed 2; default 200000)")
+    p.add_argument("--skip-pynndescent", action="store_true", help="no pynndescent index in the search-quality part (its build takes minutes at 1M)")
     p.add_argument("--work-dir", default=str(HERE / "results" / "work"))
     p.add_argument("--out-dir", default=str(HERE / "results"))
     p.add_argument("--nice", type=int, default=0, help="niceness increment (default 0: start it with `nice -n 10`)")
@@ -226,14 +233,17 @@ def main(argv=None) -> int:
     runs["threads_1shard"] = annotate(work, "t1", query_sim["path"], one, ivf)
     store_path = runs["threads_1shard"]["store"]
     save()
-    r["quality"] = search_quality(store_path, one, sample=a.sample, k=min(500, runs["threads_1shard"]["parameters"]["k_used"]), probes=a.probes)
+    r["quality"] = search_quality(store_path, one, sample=a.sample, k=min(500, runs["threads_1shard"]["parameters"]["k_used"]), probes=a.probes,
+                                  pynndescent=not a.skip_pynndescent)
     save()
     runs[f"threads_{a.shards}shards"] = annotate(work, f"t{a.shards}", store_path, many, ivf)
     r["shards_identical"] = outputs_digest(runs["threads_1shard"]["model_dir"]) == outputs_digest(runs[f"threads_{a.shards}shards"]["model_dir"])
     save()
     if not a.skip_workers:
+        wq = query_sim["path"] if a.workers_query_cells == a.query_cells else bs.ensure_sim(work, "query", a.workers_query_cells, bs.QUERY_SEED)["path"]
+        r["workers_query_cells"] = a.workers_query_cells
         for n in (1, 2):
-            runs[f"local_{n}worker"] = annotate(work, f"w{n}", store_path, one, [*ivf, "--scheduler", "local", "--n-workers", str(n)])
+            runs[f"local_{n}worker"] = annotate(work, f"w{n}", wq, one, [*ivf, "--scheduler", "local", "--n-workers", str(n)])
             save()
         r["speedup_2_workers"] = round(runs["local_1worker"]["wall_s"] / runs["local_2worker"]["wall_s"], 2)
     save()

@@ -56,6 +56,8 @@ QUANTILE = 0.99
 MIN_POOLED_UMIS = 10
 N_FOLDS = 5
 CALIBRATION_MAX_CELLS = 20_000
+SELF_GRAPH_EXACT_MAX_CELLS = 50_000
+SEARCH_DENSE_MAX_CELLS = 100_000  # above: the tiled exact search (bounded memory)
 CALIBRATION_K = 500  # annotate's default --k; capped by knn.neighbourhood as at annotate time
 CONFIDENT = 0.5
 ECE_BINS = 10
@@ -109,7 +111,12 @@ def _loo_foreign_counts(blocks: Iterable[sp.csr_matrix], label_codes: np.ndarray
 
 
 def self_graph(embedding: np.ndarray, k: int = POOL_K, *, block: int = 1024) -> np.ndarray:
-    """Each reference cell's ``k`` nearest other reference cells (cosine; ties to the lower index)."""
+    """Each reference cell's ``k`` nearest other reference cells (cosine; ties to the lower index):
+    exact up to :data:`SELF_GRAPH_EXACT_MAX_CELLS` cells, through inverted lists above
+    (:func:`knn.self_neighbors`: an all-pairs search is quadratic in time, and its blocks
+    of block x cells float64 took 17 GB at 1M cells)."""
+    if embedding.shape[0] > SELF_GRAPH_EXACT_MAX_CELLS:
+        return knn.self_neighbors(embedding, k)
     u = knn.unit_rows(embedding)
     n = u.shape[0]
     k = min(k, n - 1)
@@ -146,6 +153,10 @@ def _folds(label_codes: np.ndarray, dataset_codes: np.ndarray, n_datasets: int, 
 
 def _search(query: np.ndarray, ref: np.ndarray, k: int, *, block: int = 512) -> np.ndarray:
     """Exact cosine kNN records (``knn.neighbor_dtype``) of ``query`` rows among ``ref`` rows."""
+    if ref.shape[0] > SEARCH_DENSE_MAX_CELLS:  # dense blocks would be block x reference cells of float64
+        ru = np.ascontiguousarray(knn.unit_rows(np.asarray(ref, dtype=np.float64)))
+        vals, idx = knn.exact_search(query, ru, k)
+        return knn.records_from_dots(vals, idx, k)
     qu, ru = knn.unit_rows(query), knn.unit_rows(ref)
     k_eff = min(k, ru.shape[0])
     out = np.empty(qu.shape[0], dtype=knn.neighbor_dtype(k))

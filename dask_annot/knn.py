@@ -12,15 +12,19 @@ found) and ``dist`` (float32, ``inf`` there), sorted by (distance, index).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Literal
 
+import dask
 import dask.array as da
 import numba
 import numpy as np
 
 from . import refcache
+from .errors import ReferenceArtifactError
 from .normalize import check_cell_chunked
 
 Method = Literal["exact", "ann", "ivf"]
@@ -206,6 +210,20 @@ def _exact_top(q: np.ndarray, model, k: int, offset: int = 0) -> tuple[np.ndarra
     return out_val, out_idx + np.int64(offset)
 
 
+def exact_search(q: np.ndarray, ref_unit: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_exact_top` of ``q`` among the unit rows ``ref_unit`` (float64 similarities and
+    indices, ties by index), in memory bounded by its tiles whatever the reference size."""
+    from types import SimpleNamespace
+
+    return _exact_top(q, SimpleNamespace(embedding_unit=ref_unit, screen_arrays=screen_arrays(ref_unit)), k)
+
+
+def records_from_dots(vals: np.ndarray, ids: np.ndarray, k_out: int) -> np.ndarray:
+    """Neighbour records (:func:`neighbor_dtype`) from float64 cosine similarities ordered by
+    (value desc, index asc); missing entries (-inf) become index -1, distance inf."""
+    return _records_from_dots(vals, ids, k_out)
+
+
 def _sorted_records(idx, dist, k: int) -> np.ndarray:
     """Neighbour records sorted by (distance, index); missing neighbours (index < 0 or a
     non-finite distance) last, as index -1 and distance inf."""
@@ -313,7 +331,7 @@ class Shard:
 
     def _array(self, name: str) -> np.ndarray:
         digest = dict(self.checksums)[name]
-        return refcache.cached(("shard", self.path, name, digest), lambda: np.load(os.path.join(self.path, name), mmap_mode="r"))
+        return refcache.cached(("shard", self.path, name, digest), lambda: _load_checked(os.path.join(self.path, name), digest))
 
     @property
     def embedding_unit(self) -> np.ndarray:
@@ -335,11 +353,34 @@ class Shard:
         key = ("shard-bylist32", self.path, name, dict(self.checksums)[name])
         return refcache.cached(key, lambda: np.ascontiguousarray(np.asarray(self.embedding_unit)[np.asarray(self.ivf()[1])], dtype=np.float32))
 
+    def by_list64(self) -> np.ndarray:
+        """This shard's unit embedding in list order, float64 (the IVF re-scoring reads it
+        list by list instead of jumping across the whole embedding)."""
+        name = shard_file("members", self.number)
+        key = ("shard-bylist64", self.path, name, dict(self.checksums)[name])
+        return refcache.cached(key, lambda: np.ascontiguousarray(np.asarray(self.embedding_unit)[np.asarray(self.ivf()[1])]))
+
     def ivf(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Global list centroids (lists x PCs, unit, float64); this shard's members of each
         list (local indices, ascending within a list) and list offsets."""
         return (self._array(IVF_CENTROIDS), self._array(shard_file("members", self.number)),
                 self._array(shard_file("offsets", self.number)))
+
+
+def _load_checked(path: str, digest: str) -> np.ndarray:
+    """A shard file, memory-mapped, after checking its sha256 against the reference's record:
+    shard files are checked here, by the process that maps them, not when the reference is
+    loaded (a worker holding one shard never reads the others)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise ReferenceArtifactError(f"{path}: cannot be read ({exc}); the reference is damaged, rebuild it") from exc
+    if h.hexdigest() != digest:
+        raise ReferenceArtifactError(f"{path}: its checksum differs from reference.json; the reference is damaged, rebuild it")
+    return np.load(path, mmap_mode="r")
 
 
 def shard_file(kind: str, number: int) -> str:
@@ -457,31 +498,85 @@ def default_lists(n_cells: int) -> int:
 
 @numba.njit(nogil=True, cache=True)
 def _probe_tile(q64, cent, probes):  # pragma: no cover - compiled
-    """Per query, the ``probes`` lists with the most similar centroids (float64 dots in a
-    fixed order, ties by list index)."""
+    """Per query, the ``probes`` lists with the most similar centroids, most similar first
+    (float64 dots in a fixed order, ties by list index)."""
     n, d = q64.shape
     n_lists = cent.shape[0]
     probes = min(probes, n_lists)
     out = np.empty((n, probes), np.int32)
     cd = np.empty(n_lists)
+    sel = np.empty(n_lists, np.int64)
     for i in range(n):
         for c in range(n_lists):
             s = 0.0
             for t in range(d):
                 s += q64[i, t] * cent[c, t]
             cd[c] = -s
-        order = np.argsort(cd, kind="mergesort")
+        kth = np.partition(cd, probes - 1)[probes - 1]
+        m = 0
+        for c in range(n_lists):  # the lists better than the probes-th, then the tied ones by index
+            if cd[c] < kth:
+                sel[m] = c
+                m += 1
+        for c in range(n_lists):
+            if m == probes:
+                break
+            if cd[c] == kth:
+                sel[m] = c
+                m += 1
+        order = np.argsort(cd[sel[:probes]], kind="mergesort")
         for j in range(probes):
-            out[i, j] = order[j]
+            out[i, j] = sel[order[j]]
     return out
 
 
+def _probe_block(q: np.ndarray, shard: Shard, probes: int) -> np.ndarray:
+    """The lists each query probes (int32, queries x probes), once per chunk for all shards."""
+    q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
+    cent = np.asarray(shard.ivf()[0])
+    if q64.shape[0] == 0:
+        return np.empty((0, min(probes, cent.shape[0])), np.int32)
+    return _probe_tile(q64, cent, int(probes))
+
+
+_IVF_Q_TILE = 1024
+_IVF_FLOOR_CELLS = 4  # x k: members of each query's nearest lists that set its screening floor
+
+
 @numba.njit(nogil=True, cache=True)
-def _rescore_tile(q64, ref64, cand, count, k):  # pragma: no cover - compiled
-    """Per query, its ``count[i]`` candidates ``cand[i]`` (reference rows) re-scored exactly in
-    float64 (fixed order), and the top k by (similarity desc, index asc): everything above
-    the k-th value, then the lowest indices among those equal to it. Rows with fewer than
-    k candidates pad with -inf / -1."""
+def _scatter_vals(val32, qi, fill, dots):  # pragma: no cover - compiled
+    """Append one list's float32 similarities (rows: the queries ``qi`` probing it) to each query's row."""
+    width = dots.shape[1]
+    for j in range(qi.shape[0]):
+        i = qi[j]
+        f = fill[i]
+        for u in range(width):
+            val32[i, f + u] = dots[j, u]
+        fill[i] = f + width
+
+
+@numba.njit(nogil=True, cache=True)
+def _keep_list(dots, qi, floor, o0, cand, count):  # pragma: no cover - compiled
+    """Append to each query's candidates the positions (list order) of one list's members
+    whose float32 similarity is at or above the query's floor."""
+    for j in range(qi.shape[0]):
+        i = qi[j]
+        f = floor[i]
+        c = count[i]
+        for u in range(dots.shape[1]):
+            if dots[j, u] >= f:
+                cand[i, c] = o0 + u
+                c += 1
+        count[i] = c
+
+
+@numba.njit(nogil=True, cache=True)
+def _rescore_lists(q64, ref64_by_list, members, cand, count, k):  # pragma: no cover - compiled
+    """Per query, its ``count[i]`` candidates ``cand[i]`` (positions in list order) re-scored
+    exactly in float64 (fixed order) from the list-ordered copy (memory-local), and the top k
+    by (similarity desc, reference index asc, indices from ``members``): everything above the
+    k-th value, then the lowest indices among those equal to it. Rows with fewer than k
+    candidates pad with -inf / -1."""
     n, d = q64.shape
     out_val = np.full((n, k), -np.inf)
     out_idx = np.full((n, k), -1, np.int64)
@@ -495,9 +590,9 @@ def _rescore_tile(q64, ref64, cand, count, k):  # pragma: no cover - compiled
             r = cand[i, u]
             s = 0.0
             for t in range(d):
-                s += q64[i, t] * ref64[r, t]
+                s += q64[i, t] * ref64_by_list[r, t]
             vals[u] = s
-            ids[u] = r
+            ids[u] = members[r]
         kk = min(k, m)
         kth = -np.partition(-vals, kk - 1)[kk - 1]
         sel_v = np.empty(kk)
@@ -531,46 +626,38 @@ def _rescore_tile(q64, ref64, cand, count, k):  # pragma: no cover - compiled
     return out_val, out_idx
 
 
-def _probe_block(q: np.ndarray, shard: Shard, probes: int) -> np.ndarray:
-    """The lists each query probes (int32, queries x probes), once per chunk for all shards."""
-    q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
-    cent = np.asarray(shard.ivf()[0])
-    if q64.shape[0] == 0:
-        return np.empty((0, min(probes, cent.shape[0])), np.int32)
-    return _probe_tile(q64, cent, int(probes))
-
-
-_IVF_Q_TILE = 256
-
-
-@numba.njit(nogil=True, cache=True)
-def _scatter_list(val32, pos, qi, fill, dots, o0):  # pragma: no cover - compiled
-    """Append one list's float32 similarities (rows: the queries ``qi`` probing it) to each
-    query's candidate row, with the candidates' positions in list order."""
-    width = dots.shape[1]
-    for j in range(qi.shape[0]):
-        i = qi[j]
-        f = fill[i]
-        for u in range(width):
-            val32[i, f + u] = dots[j, u]
-            pos[i, f + u] = o0 + u
-        fill[i] = f + width
+def _by_list(pairs_l: np.ndarray, pairs_q: np.ndarray):
+    """(list, queries probing it) groups of (list, query) pairs, lists ascending."""
+    order = np.argsort(pairs_l, kind="stable")
+    fl, fq = pairs_l[order], pairs_q[order]
+    starts = np.flatnonzero(np.r_[True, fl[1:] != fl[:-1]]) if fl.size else np.empty(0, np.int64)
+    for a, b in zip(starts, np.r_[starts[1:], fl.size]):
+        yield int(fl[a]), fq[a:b]
 
 
 def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The exact float64 top k among the members of each query's probed lists in this shard.
+    """The exact float64 top k among the members of each query's probed lists in this shard
+    (global indices): :func:`ivf_search` on the shard's memory-mapped lists."""
+    _, members, offsets = shard.ivf()
+    vals, idx = ivf_search(q, probed, np.asarray(members), np.asarray(offsets), shard.by_list32(), shard.by_list64(), k)
+    return vals, np.where(idx >= 0, idx + shard.start, -1)
 
-    A float32 BLAS screen, list by list (the queries probing a list against its members,
-    stored contiguously in list order), keeps every candidate within twice the float32
-    error of the k-th best float32 similarity; those are re-scored in float64 in a fixed
-    order (:func:`_rescore_tile`). So the result is the float64 top k of the probed lists,
-    whatever the tiling, BLAS or thread count.
+
+def ivf_search(q: np.ndarray, probed: np.ndarray, members: np.ndarray, offsets: np.ndarray, ref32: np.ndarray,
+               ref64: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact float64 top k among the members of each query's probed lists (``members``:
+    reference rows in list order, list ``l`` at ``offsets[l]:offsets[l+1]``; ``ref32`` /
+    ``ref64``: the unit reference rows in that order), ties by reference index.
+
+    Two float32 BLAS passes, list by list (the queries probing a list against its members,
+    stored contiguously in list order): the first, over each query's nearest lists only
+    (about :data:`_IVF_FLOOR_CELLS` x k members), gives its k-th best float32 similarity
+    there, a lower bound of the final k-th best; the second keeps every member of every
+    probed list within twice the float32 error of that bound. Those candidates are
+    re-scored in float64 in a fixed order (:func:`_rescore_lists`). So the result is the
+    float64 top k of the probed lists, whatever the tiling, BLAS or thread count.
     """
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
-    _, members, offsets = shard.ivf()
-    members, offsets = np.asarray(members), np.asarray(offsets)
-    ref64 = np.asarray(shard.embedding_unit)
-    ref32 = shard.by_list32()
     sizes = np.diff(offsets)
     n = q64.shape[0]
     out_val = np.full((n, k), -np.inf)
@@ -579,40 +666,87 @@ def _ivf_top(q: np.ndarray, probed: np.ndarray, shard: Shard, k: int) -> tuple[n
         qs64 = q64[lo : lo + _IVF_Q_TILE]
         qs32 = qs64.astype(np.float32)
         pr = np.asarray(probed[lo : lo + _IVF_Q_TILE], dtype=np.int64)
-        nq = qs64.shape[0]
-        m = sizes[pr].sum(axis=1)
+        nq, n_pr = pr.shape
+        cum = np.cumsum(sizes[pr], axis=1)
+        m = cum[:, -1] if n_pr else np.zeros(nq, np.int64)
         width = int(m.max()) if nq else 0
         if width == 0:
             continue
-        val32 = np.full((nq, width), -np.inf, np.float32)
-        pos = np.zeros((nq, width), np.int64)  # the candidate's row in list order
+        # pass 1: each query's nearest lists up to _IVF_FLOOR_CELLS x k members (all if fewer)
+        first = np.minimum((cum < _IVF_FLOOR_CELLS * k).sum(axis=1) + 1, n_pr)
+        near = np.arange(n_pr)[None, :] < first[:, None]
+        w1 = int(np.where(near, sizes[pr], 0).sum(axis=1).max())
+        val32 = np.full((nq, max(w1, 1)), -np.inf, np.float32)
         fill = np.zeros(nq, np.int64)
-        flat_l = pr.ravel()
-        flat_q = np.repeat(np.arange(nq), pr.shape[1])
-        order = np.argsort(flat_l, kind="stable")
-        fl, fq = flat_l[order], flat_q[order]
-        starts = np.flatnonzero(np.r_[True, fl[1:] != fl[:-1]])
-        for a, b in zip(starts, np.r_[starts[1:], fl.size]):
-            o0, o1 = offsets[fl[a]], offsets[fl[a] + 1]
-            if o1 == o0:
-                continue
-            qi = fq[a:b]
-            _scatter_list(val32, pos, qi, fill, qs32[qi] @ ref32[o0:o1].T, o0)
-        if width > k:
-            kth = -np.partition(-val32, k - 1, axis=1)[:, k - 1].astype(np.float64)
-        else:
-            kth = np.full(nq, -np.inf)
+        rows, cols = np.nonzero(near)
+        for lst, qi in _by_list(pr[rows, cols], rows):
+            o0, o1 = offsets[lst], offsets[lst + 1]
+            if o1 > o0:
+                _scatter_vals(val32, qi, fill, qs32[qi] @ ref32[o0:o1].T)
+        kth = np.full(nq, -np.inf)
+        enough = fill >= k
+        if enough.any():
+            kth[enough] = np.partition(val32[enough], w1 - k, axis=1)[:, w1 - k].astype(np.float64)
         floor = (kth - 2 * _F32_DOT_ERROR).astype(np.float32)
         floor = np.where(floor.astype(np.float64) > kth - 2 * _F32_DOT_ERROR, np.nextafter(floor, np.float32(-np.inf)), floor)
-        keep = (val32 >= floor[:, None]) & (np.arange(width)[None, :] < m[:, None])
-        count = keep.sum(axis=1)
-        cand = np.zeros((nq, max(1, int(count.max()))), np.int64)
-        rows, cols = np.nonzero(keep)
-        slot = np.arange(rows.size) - np.repeat(np.cumsum(count) - count, count)
-        cand[rows, slot] = members[pos[rows, cols]]
-        vals, ids = _rescore_tile(qs64, ref64, cand, count, k)
+        # pass 2: every probed list, keeping the members at or above the floor
+        cand = np.empty((nq, width), np.int32)  # touched only as far as each query's count
+        count = np.zeros(nq, np.int64)
+        for lst, qi in _by_list(pr.ravel(), np.repeat(np.arange(nq), n_pr)):
+            o0, o1 = offsets[lst], offsets[lst + 1]
+            if o1 > o0:
+                _keep_list(qs32[qi] @ ref32[o0:o1].T, qi, floor, o0, cand, count)
+        vals, ids = _rescore_lists(qs64, ref64, members, cand, count, k)
         out_val[lo : lo + nq], out_idx[lo : lo + nq] = vals, ids
-    return out_val, np.where(out_idx >= 0, out_idx + shard.start, -1)
+    return out_val, out_idx
+
+
+def inverted_lists(unit: np.ndarray, n_lists: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centroids (spherical k-means), members (rows in list order) and offsets of ``unit`` rows."""
+    cent = spherical_kmeans(unit, n_lists, seed=seed)
+    assign = _assign(unit, cent)
+    members = np.argsort(assign, kind="stable").astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=cent.shape[0]))]).astype(np.int64)
+    return cent, members, offsets
+
+
+SELF_PROBES = 8
+
+
+def self_neighbors(embedding: np.ndarray, k: int, *, seed: int = 0, block: int = 8192) -> np.ndarray:
+    """Each row's ``k`` nearest other rows (cosine, ties to the lower index; -1 where fewer)
+    for large sets, in memory bounded by the block: through inverted lists (about 1,000 rows
+    each, :data:`SELF_PROBES` probed per row): deterministic and float64 re-scored, approximate
+    only in the lists it does not probe."""
+    unit = np.ascontiguousarray(unit_rows(np.asarray(embedding, dtype=np.float64)))
+    n = unit.shape[0]
+    k = int(min(k, max(n - 1, 0)))
+    out = np.full((n, max(k, 0)), -1, dtype=np.int64)
+    if k < 1:
+        return out
+    cent, members, offsets = inverted_lists(unit, default_lists(n), seed=seed)
+    ref64 = np.ascontiguousarray(unit[members])
+    ref32 = ref64.astype(np.float32)
+    top = lambda q: ivf_search(q, _probe_tile(q, cent, SELF_PROBES), members, offsets, ref32, ref64, k + 1)  # noqa: E731
+
+    def one(lo: int) -> None:
+        hi = min(lo + block, n)
+        _, idx = top(unit[lo:hi])
+        own = idx == np.arange(lo, hi)[:, None]
+        # drop each row itself (or, if it was not among the k + 1, the last one)
+        drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
+        keep = np.ones(idx.shape, dtype=bool)
+        keep[np.arange(hi - lo), drop] = False
+        out[lo:hi] = idx[keep].reshape(hi - lo, k)
+
+    # small GEMMs: one BLAS thread each (a multi-threaded BLAS spins on them), blocks in parallel threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(one, range(0, n, block)))
+    return out
 
 
 _TOP_DTYPE = lambda k: np.dtype([("val", np.float64, (k,)), ("idx", np.int64, (k,))])  # noqa: E731
@@ -646,23 +780,42 @@ def _merge_block(*parts: np.ndarray, k: int) -> np.ndarray:
     return _records_from_dots(vals, ids, k)
 
 
-def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: int = DEFAULT_PROBES) -> da.Array:
+def shard_placement(workers: Sequence[str], n_shards: int) -> tuple[str, ...] | None:
+    """The worker each shard's searches run on: shard i on the i-th worker (addresses sorted,
+    cyclically), so each worker maps only its own shards and a cluster holds a reference no
+    single worker could. Only when there are at least as many shards as workers (else every
+    worker would not get one, and the search would not use them all): then ``None``, every
+    worker searches whatever shard it is given."""
+    workers = sorted(workers)
+    if n_shards < 2 or not workers or n_shards < len(workers):
+        return None
+    return tuple(workers[i % len(workers)] for i in range(n_shards))
+
+
+def sharded_neighbors(emb: da.Array, shards, *, k: int, method: Method, probes: int = DEFAULT_PROBES,
+                      placement: Sequence[str] | None = None) -> da.Array:
     """Lazy neighbour records over a sharded reference: one search task per (chunk, shard),
-    each carrying only its :class:`Shard`, and one exact merge per chunk."""
+    each carrying only its :class:`Shard`, and one exact merge per chunk. ``placement``: the
+    worker each shard's tasks prefer (:func:`shard_placement`; a loose restriction, so a lost
+    worker's shard is searched elsewhere rather than never)."""
     check_cell_chunked(emb, "neighbors")
     if method not in ("exact", "ivf"):
         raise ValueError(f"a sharded reference is searched with exact or ivf, not {method!r}")
+    if placement is not None and len(placement) != len(shards):
+        raise ValueError(f"placement names {len(placement)} workers for {len(shards)} shards")
     n_ref = max(s.stop for s in shards)
     kk = min(k, n_ref)
+    probed = None
     if method == "ivf":  # the probed lists are global: chosen once per chunk, the same for every shard
         n_probe = min(probes, int(shards[0].ivf()[0].shape[0]))
         probed = da.map_blocks(_probe_block, emb, shards[0], probes, dtype=np.int32, chunks=(emb.chunks[0], (n_probe,)),
                                meta=np.empty((0, 0), np.int32))
-        parts = [da.map_blocks(_shard_block, emb, probed, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
-                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
-    else:
-        parts = [da.map_blocks(_shard_block, emb, None, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
-                               drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))) for s in shards]
+    parts = []
+    for i, s in enumerate(shards):
+        where = {} if placement is None else {"workers": [placement[i]], "allow_other_workers": False}
+        with dask.annotate(**where):
+            parts.append(da.map_blocks(_shard_block, emb, probed, s, kk, method, dtype=_TOP_DTYPE(kk), chunks=(emb.chunks[0],),
+                                       drop_axis=1, meta=np.empty(0, dtype=_TOP_DTYPE(kk))))
     return da.map_blocks(_merge_block_k(k), *parts, dtype=neighbor_dtype(k), chunks=(emb.chunks[0],),
                          meta=np.empty(0, dtype=neighbor_dtype(k)))
 

@@ -405,8 +405,11 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     umi_all = st.umi_count
     model_d = dask.delayed(mdl, pure=True, traverse=False)
     emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
+    placement = None
     if mdl.shards and plan.method in ("exact", "ivf"):  # searched shard by shard, merged exactly
-        nbrs = knn.sharded_neighbors(emb, mdl.shards, k=plan.k_used, method=plan.method, probes=knn.probes_of(mdl.meta))
+        placement = knn.shard_placement(_worker_addresses(active), len(mdl.shards))
+        nbrs = knn.sharded_neighbors(emb, mdl.shards, k=plan.k_used, method=plan.method, probes=knn.probes_of(mdl.meta),
+                                     placement=placement)
     else:
         nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
     bounds = np.cumsum((0,) + nbrs.chunks[0])
@@ -418,7 +421,8 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []
-    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed().ravel(), emb2.to_delayed().ravel())):
+    # pinned shard searches keep their own tasks: the array optimisation would fuse them (and drop the pinning)
+    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed(optimize_graph=placement is None).ravel(), emb2.to_delayed().ravel())):
         path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
@@ -477,7 +481,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             "distance": "cosine (euclidean on unit-length PCA coordinates)",
             "missing_genes": "unmeasured: least-squares projection on measured genes" if al.n_required_shared < al.n_required else "none missing",
             "knn_method": plan.method, "ann_epsilon": settings.ann_epsilon if plan.method == "ann" else None,
-            "shards": len(mdl.shards) or 1, "ivf_probes": knn.probes_of(mdl.meta) if plan.method == "ivf" else None,
+            "shards": len(mdl.shards) or 1, "shard_placement": list(placement) if placement else None, "ivf_probes": knn.probes_of(mdl.meta) if plan.method == "ivf" else None,
             "chunk_cells": settings.chunk_cells, "de_chunk_cells": DE_CHUNK_CELLS, "layout": settings.layout,
             "scheduler": f"client {client.scheduler.address}" if client is not None else settings.scheduler,
             "n_workers": settings.n_workers, "low_umi_threshold": outputs.LOW_UMI_THRESHOLD,
@@ -640,6 +644,13 @@ def _resolve_scheduler(settings: Settings, methods: Sequence[str], log, *, n_cel
         log("scheduler: a LocalCluster of single-threaded processes (pynndescent's search holds the GIL)")
         return dataclasses.replace(settings, scheduler="local", threads_per_worker=1)
     return dataclasses.replace(settings, scheduler="threads")
+
+
+def _worker_addresses(active) -> list[str]:
+    """The workers of a distributed client (none for the threaded or sync scheduler)."""
+    if active is None or not hasattr(active, "scheduler_info"):
+        return []
+    return sorted(active.scheduler_info(n_workers=-1)["workers"])
 
 
 def _client(settings: Settings, log, *, shared_paths=(), client=None):

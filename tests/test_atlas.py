@@ -170,3 +170,61 @@ def test_ivf_on_a_reference_without_lists_is_a_clear_error(references, tmp_path)
         _annotate(tmp_path, references["plain"], knn_method="ivf")
     with pytest.raises(ValueError, match="--shard-cells 0: must be a positive"):
         knn.plan_shards(np.zeros((10, 2), np.float32), n_cells=10, shard_cells=0)
+
+
+def test_on_a_cluster_each_worker_maps_only_its_own_shards(references, tmp_path, local_cluster_client):
+    """4 shards on 2 workers: shard i's searches run on the i-th worker (cyclic), so a cluster can
+    hold a reference no single worker could; the outputs are those of the threaded run."""
+    client = local_cluster_client
+    ref = tmp_path / "ivf_copy"  # a path no earlier test's workers have loaded
+    shutil.copytree(references["ivf"], ref)
+    threads = _annotate(tmp_path / "t", ref, knn_method="ivf", chunk_cells=300)
+    dist = _annotate(tmp_path / "d", ref, knn_method="ivf", scheduler=client.scheduler.address, chunk_cells=300)
+    assert _outputs(dist) == _outputs(threads)
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    rec = json.loads((dist / "run.json").read_text())
+    assert rec["parameters"]["shard_placement"] == [workers[i % 2] for i in range(4)]
+    path = str(ref.resolve())
+
+    def searched_shards(path=path):
+        from dask_annot import refcache as rc
+        return sorted(int(k[2].split("_")[-1].split(".")[0]) for k in rc.LOADS if k[0] == "shard-bylist32" and k[1] == path)
+
+    loaded = client.run(searched_shards)
+    assert loaded == {workers[0]: [0, 2], workers[1]: [1, 3]}
+
+
+def test_self_neighbours_of_a_large_set_are_bounded_and_match_the_exact_graph(rng):
+    """Above 50,000 cells the reference's own kNN graph (novelty pooling) goes through inverted
+    lists instead of all pairs (quadratic, and 17 GB of blocks at 1M cells): real PBMC
+    embedding tiled with noise to 60,000 cells; against the exact graph on a sample."""
+    from dask_annot import confidence, knn
+
+    base = resolve_model("human_pbmc_v1").embedding.astype(np.float64)
+    x = np.concatenate([base + rng.normal(scale=0.3, size=base.shape) for _ in range(-(-60_000 // base.shape[0]))])[:60_000]
+    graph = confidence.self_graph(x)
+    assert graph.shape == (60_000, confidence.POOL_K) and (graph >= 0).all()
+    assert not (graph == np.arange(60_000)[:, None]).any()
+    u = knn.unit_rows(x)
+    pick = rng.choice(60_000, 300, replace=False)
+    d = u[pick] @ u.T
+    d[np.arange(300), pick] = -np.inf
+    exact = np.argsort(-d, axis=1, kind="stable")[:, : confidence.POOL_K]
+    recall = np.mean([np.intersect1d(a, b).size / a.size for a, b in zip(exact, graph[pick])])
+    assert recall > 0.95
+    assert np.array_equal(knn.self_neighbors(x[:20_000], 15), knn.self_neighbors(x[:20_000], 15, block=3000))
+
+
+def test_a_damaged_shard_is_refused_when_it_is_mapped(references, tmp_path):
+    """Shard files are checked by the process that maps them (a worker never reads the shards it
+    does not hold); a damaged one stops the run with one clear line and writes no outputs."""
+    ref = tmp_path / "damaged"
+    shutil.copytree(references["ivf"], ref)
+    unit = ref / "shards" / "unit_00002.npy"
+    blob = bytearray(unit.read_bytes())
+    blob[-8:] = b"\x00" * 8
+    unit.write_bytes(bytes(blob))
+    load_reference(ref)  # the reference itself still loads: its other files are intact
+    with pytest.raises(ReferenceArtifactError, match=r"unit_00002\.npy: its checksum differs.*rebuild it"):
+        _annotate(tmp_path / "out", ref, knn_method="ivf", chunk_cells=300)
+    assert not list((tmp_path / "out").rglob("cell_types.csv"))
