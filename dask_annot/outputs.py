@@ -14,11 +14,11 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import DaskAnnotError, OutputError
 
 Layout = Literal["cloud", "hierarchical"]
 LOW_UMI = "Low UMI Barcode"
@@ -34,22 +34,26 @@ def model_dir(output_dir: str | os.PathLike, run_id: str, model_name: str) -> Pa
     return Path(output_dir) / run_id / "outs" / "segmented_outs" / "cell_types" / model_name
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name beside ``path``, flush to disk, then rename into place."""
+def atomic_write(path: Path, data: bytes | str | Iterable[bytes]) -> None:
+    """Write to a temporary name beside ``path``, flush to disk, then rename into place.
+    ``data``: the bytes (or text), or pieces of bytes written one by one as they come."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode() if isinstance(data, str) else data
+    pieces = [data.encode()] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
     try:
         with open(tmp, "wb") as fh:
-            fh.write(payload)
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # nothing half-written, whatever stopped the pieces
         try:
             tmp.unlink()
         except OSError:
             pass
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc}); free disk space or choose another --output-dir") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, DaskAnnotError):
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or exc}); free disk space or choose another --output-dir") from exc
+        raise
 
 
 def fmt_prob(p: float) -> str:
@@ -267,13 +271,18 @@ def _evidence_tokens(cell, lab, ds, cnt, tot, heads: list[str], *, label_mid, ds
 
 def json_results(members: list[bytes]) -> bytes:
     """Join per-chunk gzip members into one gzipped JSON array."""
-    out = [gzip.compress(b"[", mtime=0)]
+    return b"".join(json_results_parts(members))
+
+
+def json_results_parts(members: Iterable[bytes]) -> Iterator[bytes]:
+    """The bytes of :func:`json_results` piece by piece, taking one member at a time (so a
+    writer holds one chunk's evidence, not the whole file's)."""
+    yield gzip.compress(b"[", mtime=0)
     for i, m in enumerate(members):
         if i:
-            out.append(gzip.compress(b",", mtime=0))
-        out.append(m)
-    out.append(gzip.compress(b"]", mtime=0))
-    return b"".join(out)
+            yield gzip.compress(b",", mtime=0)
+        yield m
+    yield gzip.compress(b"]", mtime=0)
 
 
 def check_output_dir(root: Path, *, input_sha256: str) -> None:

@@ -105,3 +105,20 @@ def test_entry_order_one_key_equals_lexsort(rng):
     one = outputs._entry_order(cell, tot, lab, cnt, ds_rank[ds], **kw)
     lex = outputs._entry_order(cell, tot, lab, cnt, ds_rank[ds], **kw, max_key=1.0)
     assert np.array_equal(one, lex) and np.array_equal(one, np.arange(cell.size))  # entries come out already in order
+
+
+def test_evidence_file_is_written_member_by_member_and_never_half(tmp_path):
+    members = [gzip.compress(b'{"barcode":"a","matches":[]}'), gzip.compress(b'{"barcode":"b","matches":[]}')]
+    out = tmp_path / "cell_annotation_results.json.gz"
+    outputs.atomic_write(out, outputs.json_results_parts(iter(members)))
+    assert out.read_bytes() == outputs.json_results(members)
+    assert json.loads(gzip.decompress(out.read_bytes())) == [{"barcode": "a", "matches": []}, {"barcode": "b", "matches": []}]
+
+    def broken():
+        yield members[0]
+        raise RuntimeError("a chunk could not be read")
+
+    out2 = tmp_path / "other.json.gz"
+    with pytest.raises(RuntimeError, match="could not be read"):
+        outputs.atomic_write(out2, outputs.json_results_parts(broken()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
