@@ -175,31 +175,69 @@ class GeneStatistics:
     n_cells: int
 
 
+def _over_kept_blocks(cells: LabelledCells, cells_per_block: int, kernel, *args, window: int | None = None):
+    """``kernel(raw counts of a block's kept cells, *args)`` for every block, in block order.
+
+    An input that reads in Dask tasks (the Census: ``cells.map_kept_blocks``) runs the kernel
+    in the task that read the slice; the results still come in block order, so the sums made
+    from them are the same as reading here."""
+    mapper = getattr(cells, "map_kept_blocks", None)
+    if mapper is not None:
+        return mapper(cells_per_block, kernel, *args, window=window)
+    return (kernel(cells.read(start, stop)[sel], *args) for start, stop, sel in cells.kept_blocks(cells_per_block))
+
+
+def _block_moments(block, target_sum: float):
+    """Pass 1's kernel: moments of one block's log-normalized values, and its cell count."""
+    umi = np.asarray(block.sum(axis=1)).ravel()
+    return (*gene_moments(log_normalize_block(block, umi, target_sum)), block.shape[0])
+
+
+def _block_zscores(block, hvg: np.ndarray, mean: np.ndarray, std: np.ndarray, target_sum: float, clip: float) -> np.ndarray:
+    """Clipped z-scores of the selected genes; each cell is scaled by its total over the whole
+    universe (as queries are, see :mod:`dask_annot.normalize`)."""
+    umi = np.asarray(block.sum(axis=1)).ravel()
+    logn = log_normalize_block(block[:, hvg], umi, target_sum).toarray()
+    return clipped_zscore(logn, mean, std, clip)
+
+
+def _block_gram(block, hvg, mean, std, target_sum, clip) -> np.ndarray:
+    """Pass 2's kernel: one block's share of the z-scores' genes x genes Gram matrix."""
+    zb = _block_zscores(block, hvg, mean, std, target_sum, clip)
+    return zb.T @ zb
+
+
+def _block_embedding(block, hvg, mean, std, target_sum, clip, w: np.ndarray) -> np.ndarray:
+    """Pass 3's kernel: one block's embedding."""
+    return project_one_thread(_block_zscores(block, hvg, mean, std, target_sum, clip), w).astype(np.float32)
+
+
+def project_one_thread(z: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``z @ w`` on one BLAS thread: OpenBLAS splits this product differently over its threads
+    (real z-scores: last-bit differences between 1 and 2 threads), and a reference must not
+    depend on where its blocks were computed (a Dask worker's BLAS has one thread, the driver all)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return z @ w
+
+
+def _block_counts(block):
+    """The raw counts themselves (confidence reads them twice)."""
+    return block
+
+
 def _gene_pass(cells: LabelledCells, cells_per_block: int, target_sum: float) -> GeneStatistics:
     G = cells.gene_ids.size
     s1, s2 = np.zeros(G), np.zeros(G)
     nexpr = np.zeros(G, dtype=np.int64)
     n = 0
-    for start, stop, sel in cells.kept_blocks(cells_per_block):
-        block = cells.read(start, stop)[sel]
-        umi = np.asarray(block.sum(axis=1)).ravel()
-        b1, b2, bn = gene_moments(log_normalize_block(block, umi, target_sum))
+    for b1, b2, bn, m in _over_kept_blocks(cells, cells_per_block, _block_moments, target_sum):
         s1 += b1
         s2 += b2
         nexpr += bn
-        n += sel.size
+        n += m
     return GeneStatistics(s1=s1, s2=s2, n_expressing=nexpr, n_cells=n)
-
-
-def _z_blocks(cells: LabelledCells, cells_per_block: int, hvg: np.ndarray, mean: np.ndarray, std: np.ndarray,
-              target_sum: float, clip: float):
-    """Clipped z-scores of the selected genes, block by block; each cell is scaled by its
-    total over the whole universe (as queries are, see :mod:`dask_annot.normalize`)."""
-    for start, stop, sel in cells.kept_blocks(cells_per_block):
-        block = cells.read(start, stop)[sel]
-        umi = np.asarray(block.sum(axis=1)).ravel()
-        logn = log_normalize_block(block[:, hvg], umi, target_sum).toarray()
-        yield clipped_zscore(logn, mean, std, clip)
 
 
 def _label_table(cells: LabelledCells, ontology_map, *, merge_same_term: bool = False) -> tuple[list[str], dict, dict]:
@@ -312,12 +350,12 @@ def build_reference(
     # pass 2: the genes x genes Gram matrix of the z-scores; its eigenvectors are the
     # PCA loadings (exact, and only genes x genes is ever held, whatever the cell count)
     gram = np.zeros((hvg.size, hvg.size))
-    for zb in _z_blocks(cells, cells_per_block, hvg, mean, std, target_sum, clip):
-        gram += zb.T @ zb
+    for g in _over_kept_blocks(cells, cells_per_block, _block_gram, hvg, mean, std, target_sum, clip):
+        gram += g
     loadings = pca_loadings(gram, n_pcs)
     # pass 3: the embedding of every reference cell
     w = loadings.astype(np.float64)
-    embedding = np.concatenate([(zb @ w).astype(np.float32) for zb in _z_blocks(cells, cells_per_block, hvg, mean, std, target_sum, clip)], axis=0)
+    embedding = np.concatenate(list(_over_kept_blocks(cells, cells_per_block, _block_embedding, hvg, mean, std, target_sum, clip, w)), axis=0)
 
     kept_labels = cells.labels[cells.keep]
     label_codes = np.array([fine_code[raw_levels[lab].fine] for lab in kept_labels], dtype=np.int32)
@@ -371,7 +409,7 @@ def build_reference(
     }
     # novelty thresholds and calibration maps (see dask_annot.confidence)
     meta["confidence"], conf_arrays = confidence.fit(
-        lambda: (cells.read(a, b)[sel] for a, b, sel in cells.kept_blocks(cells_per_block)), label_codes=label_codes,
+        lambda: _over_kept_blocks(cells, cells_per_block, _block_counts, window=1), label_codes=label_codes,
         labels=fine_names, levels=[levels_by_fine[f] for f in fine_names], embedding=embedding, dataset_codes=dataset_codes,
         n_datasets=len(datasets), n_genes=int(cells.gene_ids.size), seed=seed)
     arrays.update(conf_arrays)

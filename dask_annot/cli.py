@@ -73,16 +73,32 @@ def _cmd_build_reference(a: argparse.Namespace) -> int:
         raise ConfigError("build-reference needs --input and --label-column (a kNN model from labelled cells), CELLxGENE files "
                           "(--input A.h5ad [B.h5ad ...]), --census FILTER, or --markers TABLE.csv")
 
+    import contextlib
+
+    from .cluster import make_client
+
+    settings = None
+    if a.scheduler or a.n_workers or a.print_job_script:  # where the Census slices are read (Dask tasks)
+        from . import config
+
+        settings = config.resolve(**_cluster_settings(a) | {"scheduler": a.scheduler if a.scheduler not in (None, "auto") else "threads"})
+        if a.print_job_script:
+            return _print_job_script(settings)
     cells = open_reference_input(a, log=_log)
     if cells is None and not a.label_column:
         raise ConfigError(f"{a.input[0]}: is not a CELLxGENE-schema .h5ad; pass --label-column with the obs column holding the cell type")
-    out = build_reference(
-        a.input[0] if a.input else None, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
-        dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
-        species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
-        cells=cells, merge_same_term=a.merge_same_term,
-        shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
-    )
+    shared = [a.census_uri] if a.census_uri and Path(a.census_uri).exists() else []
+    with (make_client(settings.scheduler, n_workers=settings.n_workers, threads_per_worker=settings.threads_per_worker,
+                      memory_limit=settings.memory_limit, log=_log, cluster_config=settings.cluster_config, shared_paths=shared,
+                      worker_timeout=settings.worker_timeout, **(settings.job_options or {}))
+          if settings is not None else contextlib.nullcontext()):
+        out = build_reference(
+            a.input[0] if a.input else None, label_column=a.label_column, name=a.name, output=a.output, ontology_map=a.ontology_map,
+            dataset_column=a.dataset_column, labels_csv=a.labels, exclude_labels=tuple(a.exclude_label or ()),
+            species=a.species, version=a.version, n_hvg=a.n_hvg, n_pcs=a.n_pcs, seed=a.seed, knn_method=a.knn_method,
+            cells=cells, merge_same_term=a.merge_same_term,
+            shard_cells=a.shard_cells, ivf_lists=a.ivf_lists, ivf_probes=a.ivf_probes,
+        )
     print(out)
     return 0
 
@@ -244,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "1,000,000 above 400,000 cells, else unsharded)")
     br.add_argument("--ivf-lists", type=int, default=None, help="inverted lists of the ivf search (default: about 1 per 1,000 cells)")
     br.add_argument("--ivf-probes", type=int, default=None, help="lists probed per query cell by the ivf search (default 48)")
+    _add_cluster_flags(br)  # --census: the Dask scheduler that reads the slices (default: threads here)
     br.set_defaults(func=_cmd_build_reference)
 
     rs = sub.add_parser("reshard-reference", help="split a built reference into shards (same search, new shard files)")

@@ -14,11 +14,11 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import DaskAnnotError, OutputError
 
 Layout = Literal["cloud", "hierarchical"]
 LOW_UMI = "Low UMI Barcode"
@@ -34,22 +34,26 @@ def model_dir(output_dir: str | os.PathLike, run_id: str, model_name: str) -> Pa
     return Path(output_dir) / run_id / "outs" / "segmented_outs" / "cell_types" / model_name
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write to a temporary name beside ``path``, flush to disk, then rename into place."""
+def atomic_write(path: Path, data: bytes | str | Iterable[bytes]) -> None:
+    """Write to a temporary name beside ``path``, flush to disk, then rename into place.
+    ``data``: the bytes (or text), or pieces of bytes written one by one as they come."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode() if isinstance(data, str) else data
+    pieces = [data.encode()] if isinstance(data, str) else [data] if isinstance(data, bytes) else data
     try:
         with open(tmp, "wb") as fh:
-            fh.write(payload)
+            for piece in pieces:
+                fh.write(piece)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:  # nothing half-written, whatever stopped the pieces
         try:
             tmp.unlink()
         except OSError:
             pass
-        raise OutputError(f"{path}: cannot be written ({exc.strerror or exc}); free disk space or choose another --output-dir") from exc
+        if isinstance(exc, OSError) and not isinstance(exc, DaskAnnotError):
+            raise OutputError(f"{path}: cannot be written ({exc.strerror or exc}); free disk space or choose another --output-dir") from exc
+        raise
 
 
 def fmt_prob(p: float) -> str:
@@ -183,8 +187,22 @@ def _evidence_entries(idx: np.ndarray, label_codes: np.ndarray, dataset_codes: n
     tot = np.add.reduceat(cnt, starts) if len(cnt) else cnt
     tot_e = np.repeat(tot, np.diff(np.r_[starts, len(cl)]))
     cell, lab = cl // n_labels, cl % n_labels
-    order = np.lexsort((ds_rank[ds], -cnt, lab, -tot_e, cell))
+    order = _entry_order(cell, tot_e, lab, cnt, ds_rank[ds], n_cells=idx.shape[0], n_labels=n_labels, n_ds=n_ds)
     return cell[order], lab[order], ds[order], cnt[order], tot_e[order]
+
+
+def _entry_order(cell, tot, lab, cnt, ds_rank, *, n_cells: int, n_labels: int, n_ds: int, max_key: float = 2.0 ** 62) -> np.ndarray:
+    """The order of entries by cell, label total descending, label, count descending, dataset
+    name: one argsort of a combined int64 key (a single sort instead of lexsort's five) when
+    the key fits, else lexsort (the same order: the entries' (cell, label, dataset) are distinct)."""
+    k = int(max(tot.max(), cnt.max())) + 1 if len(tot) else 1
+    sizes = [n_cells, k, max(n_labels, 1), k, max(n_ds, 1)]
+    if float(np.prod(np.array(sizes, dtype=np.float64))) >= max_key:
+        return np.lexsort((ds_rank, -cnt, lab, -tot, cell))
+    key = cell.astype(np.int64)
+    for size, part in zip(sizes[1:], (k - 1 - tot, lab, k - 1 - cnt, ds_rank)):
+        key = key * size + part
+    return np.argsort(key, kind="stable")
 
 
 def json_block(nbrs: np.ndarray, model, barcodes: np.ndarray, *, batch_cells: int = EVIDENCE_BATCH_CELLS) -> bytes:
@@ -201,42 +219,70 @@ def json_block(nbrs: np.ndarray, model, barcodes: np.ndarray, *, batch_cells: in
     idx = np.asarray(nbrs["idx"])
     label_codes = np.asarray(model.label_codes)
     dataset_codes = np.asarray(model.dataset_codes)
-    label_txt = [json.dumps(x) for x in model.labels]
-    ds_txt = [json.dumps(x) for x in model.datasets]
+    # text pieces, looked up per entry by numpy indexing (no Python loop over entries)
+    label_mid = np.array([f',"cell_type":{json.dumps(x)},"dataset_ids_with_counts":[' for x in model.labels] + [""], dtype=object)
+    ds_tail = np.array([json.dumps(x) + "}" for x in model.datasets], dtype=object)
+    numbers = np.array([str(i) for i in range(idx.shape[1] + 1)] + [""], dtype=object)  # counts are at most k
+    count_head = np.array([f'{{"count_per_dataset":{i},"dataset_id":' for i in range(idx.shape[1] + 1)], dtype=object)
     ds_rank = np.argsort(np.argsort(np.array(model.datasets, dtype=object))) if n_ds else np.zeros(0, dtype=np.int64)
     bcs = barcodes.tolist() if isinstance(barcodes, np.ndarray) else list(barcodes)
     comp = zlib.compressobj(4, zlib.DEFLATED, 31)
     out = []
     for b0 in range(0, idx.shape[0], max(1, batch_cells)):
         block = idx[b0:b0 + batch_cells]
-        cell, lab, ds, cnt, tot = (a.tolist() for a in _evidence_entries(block, label_codes, dataset_codes, ds_rank, n_labels, n_ds))
-        parts = []
-        j, n_e = 0, len(cell)
-        for i in range(block.shape[0]):
-            matches = []
-            while j < n_e and cell[j] == i:
-                lb, t = lab[j], tot[j]
-                dsj = []
-                while j < n_e and cell[j] == i and lab[j] == lb:
-                    dsj.append(f'{{"count_per_dataset":{cnt[j]},"dataset_id":{ds_txt[ds[j]]}}}')
-                    j += 1
-                matches.append(f'{{"cell_count_in_model":{t},"cell_type":{label_txt[lb]},"dataset_ids_with_counts":[{",".join(dsj)}]}}')
-            parts.append(f'{{"barcode":{json.dumps(str(bcs[b0 + i]))},"matches":[{",".join(matches)}]}}')
-        text = ",".join(parts)
-        out.append(comp.compress(((',' if b0 else '') + text).encode()))
+        entries = _evidence_entries(block, label_codes, dataset_codes, ds_rank, n_labels, n_ds)
+        heads = [f'{"," if b0 + i else ""}{{"barcode":{json.dumps(str(bcs[b0 + i]))},"matches":[' for i in range(block.shape[0])]
+        text = "".join(_evidence_tokens(*entries, heads, label_mid=label_mid, ds_tail=ds_tail, numbers=numbers,
+                                        count_head=count_head).tolist())
+        out.append(comp.compress(text.encode()))
     out.append(comp.flush())
     return b"".join(out)
 
 
+_SEPARATORS = np.array(["", ",", "]},"], dtype=object)  # first entry of a cell / same label / next label
+_LABEL_HEAD = np.array(["", '{"cell_count_in_model":'], dtype=object)
+
+
+def _evidence_tokens(cell, lab, ds, cnt, tot, heads: list[str], *, label_mid, ds_tail, numbers, count_head) -> np.ndarray:
+    """The JSON text of a sub-batch as pieces in order (their concatenation is the text):
+    per cell its head, six pieces per (label, dataset) entry, and its closing brackets."""
+    n_cells, n_e = len(heads), cell.size
+    new_cell = np.ones(n_e, dtype=bool)
+    new_cell[1:] = cell[1:] != cell[:-1]
+    new_label = new_cell.copy()
+    new_label[1:] |= lab[1:] != lab[:-1]
+    per_entry = np.empty((n_e, 6), dtype=object)
+    per_entry[:, 0] = _SEPARATORS[np.where(new_cell, 0, np.where(new_label, 2, 1))]
+    per_entry[:, 1] = _LABEL_HEAD[new_label.astype(np.int64)]
+    per_entry[:, 2] = numbers[np.where(new_label, tot, numbers.size - 1)]
+    per_entry[:, 3] = label_mid[np.where(new_label, lab, label_mid.size - 1)]
+    per_entry[:, 4] = count_head[cnt]
+    per_entry[:, 5] = ds_tail[ds]
+    n_per_cell = np.bincount(cell, minlength=n_cells) if n_e else np.zeros(n_cells, dtype=np.int64)
+    head_at = 2 * np.arange(n_cells) + 6 * (np.cumsum(n_per_cell) - n_per_cell)
+    frame_at = np.stack([head_at, head_at + 1 + 6 * n_per_cell], axis=1).ravel()
+    tokens = np.empty(2 * n_cells + 6 * n_e, dtype=object)
+    is_frame = np.zeros(tokens.size, dtype=bool)
+    is_frame[frame_at] = True
+    tokens[frame_at] = np.stack([np.array(heads, dtype=object), np.where(n_per_cell > 0, "]}]}", "]}").astype(object)], axis=1).ravel()
+    tokens[~is_frame] = per_entry.ravel()
+    return tokens
+
+
 def json_results(members: list[bytes]) -> bytes:
     """Join per-chunk gzip members into one gzipped JSON array."""
-    out = [gzip.compress(b"[", mtime=0)]
+    return b"".join(json_results_parts(members))
+
+
+def json_results_parts(members: Iterable[bytes]) -> Iterator[bytes]:
+    """The bytes of :func:`json_results` piece by piece, taking one member at a time (so a
+    writer holds one chunk's evidence, not the whole file's)."""
+    yield gzip.compress(b"[", mtime=0)
     for i, m in enumerate(members):
         if i:
-            out.append(gzip.compress(b",", mtime=0))
-        out.append(m)
-    out.append(gzip.compress(b"]", mtime=0))
-    return b"".join(out)
+            yield gzip.compress(b",", mtime=0)
+        yield m
+    yield gzip.compress(b"]", mtime=0)
 
 
 def check_output_dir(root: Path, *, input_sha256: str) -> None:

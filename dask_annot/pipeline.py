@@ -436,7 +436,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     with timer.stage("annotate"), _progress(progress, active):
         parts, graph_value, fstats = dask.compute(parts, graph_task, fstats)
     votes_np = np.concatenate([p[0] for p in parts]) if parts else np.empty(0, dtype=vote.VOTE_DTYPE)
-    members = [p[1] for p in parts]
+    member_paths = [p[1] for p in parts]  # the chunks' evidence stays on disk until it is written
     embedding2d = np.concatenate([p[2] for p in parts]).astype(np.float32) if parts else np.empty((0, 2), np.float32)
     consensus_rec = {"applied": False, "reason": f"--consensus {settings.consensus}" + (" (reference large enough for the 10x vote)" if settings.consensus == "auto" else "")}
     if graph_value is not None:
@@ -492,7 +492,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         record["warnings"] = list(run_warnings)
     return _write_model(mdl, calls, st, fp, mdir=mdir, run_id=run_id, settings=settings, timer=timer, log=log,
                         progress=progress, active=active, record=record, shared_timings=shared_timings,
-                        files={"cell_annotation_results.json.gz": outputs.json_results(members)}, embedding2d=embedding2d,
+                        files={"cell_annotation_results.json.gz": outputs.json_results_parts(map(_chunk_member, member_paths))}, embedding2d=embedding2d,
                         positions=positions)
 
 
@@ -695,7 +695,8 @@ def _finished_chunks(ckpt: Path, bounds) -> set[int]:
 def _finish_chunk(nbrs: np.ndarray, emb2: np.ndarray, model: Model, balanced: bool, barcodes: np.ndarray,
                   path: str, scores: bool = False) -> tuple:
     """Vote, JSON and first two PCs of one chunk (with ``scores``, also the per-label counts and
-    vote shares the consensus needs), saved under ``path`` (atomically) so a rerun can reuse them."""
+    vote shares the consensus needs), saved under ``path`` (atomically) so a rerun can reuse them.
+    The JSON is returned as ``path``: the driver reads it back only to write the evidence file."""
     votes, counts, p0 = vote.vote_with_scores(nbrs, model, balanced)
     extra = {"counts": counts, "p0": p0} if scores else {}
     member = outputs.json_block(nbrs, model, barcodes)
@@ -706,14 +707,26 @@ def _finish_chunk(nbrs: np.ndarray, emb2: np.ndarray, model: Model, balanced: bo
     with open(tmp, "wb") as fh:
         np.savez(fh, votes=votes, member=np.frombuffer(member, dtype=np.uint8), emb2=emb2, **extra)
     os.replace(tmp, p)
-    return (votes, member, emb2, counts, p0) if scores else (votes, member, emb2)
+    return (votes, path, emb2, counts, p0) if scores else (votes, path, emb2)
 
 
 def _load_chunk(path: str) -> tuple:
     with np.load(path) as z:
         if "counts" in z.files:
-            return z["votes"], z["member"].tobytes(), z["emb2"], z["counts"], z["p0"]
-        return z["votes"], z["member"].tobytes(), z["emb2"]
+            return z["votes"], path, z["emb2"], z["counts"], z["p0"]
+        return z["votes"], path, z["emb2"]
+
+
+def _chunk_member(path: str) -> bytes:
+    """A saved chunk's JSON evidence (its gzip member), read when the file is written."""
+    from .errors import StoreError
+
+    try:
+        with np.load(path) as z:
+            return z["member"].tobytes()
+    except (OSError, KeyError, ValueError) as exc:
+        raise StoreError(f"{path}: this chunk's saved annotation is missing or damaged ({exc}); remove it and run "
+                         "again (the chunk is annotated anew)") from exc
 
 
 class _progress:
@@ -810,3 +823,37 @@ def rebuild_summary(model_dir: str | Path, *, embedding2d: np.ndarray | None = N
     summary.write_web_summary(out, record=record, cell_types=cell_types, embedding2d=embedding2d, de=de,
                               spatial=pos.summary_spatial() if pos is not None else None)
     return out
+
+
+def dask_parallelism() -> int:
+    """How many tasks the current Dask scheduler runs at once: the threads of the default
+    ``distributed`` client when there is one, else the configured ``num_workers`` (or the cores)."""
+    try:
+        from distributed import default_client
+
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):
+        return max(1, int(dask.config.get("num_workers", None) or os.cpu_count() or 1))
+
+
+def results_in_order(tasks, *, window: int | None = None):
+    """The results of delayed ``tasks`` one by one, in the tasks' order, on the current scheduler.
+
+    Computed ``window`` tasks at a time (default :func:`dask_parallelism`), the next window
+    while the caller consumes this one, so at most two windows of results are held, and a
+    caller that adds them up in this order gets the same sums whatever computed them
+    (``build-reference`` reads the Census this way, see :mod:`dask_annot.sources`).
+    """
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    it = iter(tasks)
+    size = window or dask_parallelism()
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-annot-slices") as ex:
+        batch = list(itertools.islice(it, size))
+        pending = ex.submit(dask.compute, *batch) if batch else None
+        while pending is not None:
+            done = pending.result()
+            batch = list(itertools.islice(it, size))
+            pending = ex.submit(dask.compute, *batch) if batch else None
+            yield from done

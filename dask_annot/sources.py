@@ -323,6 +323,12 @@ def open_census_experiment(*, organism: str, census_uri: str | None = None, cens
     ``census_data/<organism>``) or one experiment. Otherwise the public Census release
     ``census_version`` (default: the latest stable) through ``cellxgene_census``.
     """
+    exp, record, _ = _open_census(organism=organism, census_uri=census_uri, census_version=census_version)
+    return exp, record
+
+
+def _open_census(*, organism: str, census_uri: str | None, census_version: str | None):
+    """(experiment, record, the object opened: close it when done)."""
     soma = _soma()
     if census_uri:
         try:
@@ -338,7 +344,7 @@ def open_census_experiment(*, organism: str, census_uri: str | None = None, cens
         obj = cellxgene_census.open_soma(census_version=census_version or "stable")
         record = {"census_version": census_version or "stable"}
     if obj.soma_type == "SOMAExperiment":
-        return obj, record
+        return obj, record, obj
     try:
         if "census_info" in obj and "summary" in obj["census_info"]:
             summ = obj["census_info"]["summary"].read().concat().to_pandas()
@@ -348,30 +354,69 @@ def open_census_experiment(*, organism: str, census_uri: str | None = None, cens
     except KeyError as exc:
         have = list(obj["census_data"].keys()) if "census_data" in obj else list(obj.keys())
         raise ConfigError(f"{census_uri or 'the Census'}: has no experiment for --organism {organism}; it has {', '.join(have)}") from exc
-    return exp, record
+    return exp, record, obj
+
+
+def _read_census_rows(exp, ids: np.ndarray, var_joinids: np.ndarray, *, where: str) -> sp.csr_matrix:
+    """Raw counts of the cells ``ids`` (sorted soma_joinids) from X['raw'], genes in ``var_joinids`` order."""
+    tbl = exp.ms["RNA"].X["raw"].read(coords=(ids,)).tables().concat()
+    rows = np.searchsorted(ids, tbl.column("soma_dim_0").to_numpy())
+    cols = np.searchsorted(var_joinids, tbl.column("soma_dim_1").to_numpy())
+    vals = tbl.column("soma_data").to_numpy()
+    h5.check_counts(vals, where=where)
+    m = sp.csr_matrix((vals.astype(np.int32), (rows, cols)), shape=(ids.size, var_joinids.size))
+    m.sum_duplicates()
+    return m
+
+
+def _census_slice_task(source: tuple, ids: np.ndarray, var_joinids: np.ndarray, kernel, *args):
+    """One Dask task: open the experiment here (tiledbsoma objects do not pickle), read the
+    cells ``ids`` and return ``kernel(counts, *args)``."""
+    census_uri, census_version, organism = source
+    exp, _, opened = _open_census(organism=organism, census_uri=census_uri, census_version=census_version)
+    try:
+        counts = _read_census_rows(exp, ids, var_joinids, where=f"{census_uri or 'the Census'} X['raw'] "
+                                                             f"(soma_joinids {ids[0]}-{ids[-1]})")
+    finally:
+        opened.close()
+    return kernel(counts, *args)
 
 
 class CensusCells(CellxgeneCells):
-    """Labelled cells of a SOMA experiment, read from ``X['raw']`` in slices of cells."""
+    """Labelled cells of a SOMA experiment, read from ``X['raw']`` in slices of cells.
 
-    def __init__(self, exp, joinids: np.ndarray, var_joinids: np.ndarray, **kw):
+    The build's passes read it with :meth:`map_kept_blocks`: one Dask task per fixed slice
+    of soma_joinids, each opening the experiment itself, results in slice order."""
+
+    def __init__(self, exp, joinids: np.ndarray, var_joinids: np.ndarray, *, source: tuple | None = None, **kw):
         part = _Part(info=None, start=0, columns=np.arange(kw["gene_ids"].size), dataset="")  # type: ignore[arg-type]
         super().__init__([part], **kw)
         self._exp = exp
         self._joinids = joinids          # sorted: cells in soma_joinid order
         self._var_joinids = var_joinids  # sorted: genes in soma_joinid order
+        self._source = source            # (census_uri, census_version, organism): how a task opens it
 
     def read(self, start: int, stop: int) -> sp.csr_matrix:
         """Raw counts of the selected cells ``start:stop`` (one slice of X['raw'])."""
-        ids = self._joinids[start:stop]
-        tbl = self._exp.ms["RNA"].X["raw"].read(coords=(ids,)).tables().concat()
-        rows = np.searchsorted(ids, tbl.column("soma_dim_0").to_numpy())
-        cols = np.searchsorted(self._var_joinids, tbl.column("soma_dim_1").to_numpy())
-        vals = tbl.column("soma_data").to_numpy()
-        h5.check_counts(vals, where=f"{self.provenance.get('census_uri', 'the Census')} X['raw'] (cells {start}-{stop - 1})")
-        m = sp.csr_matrix((vals.astype(np.int32), (rows, cols)), shape=(ids.size, self._var_joinids.size))
-        m.sum_duplicates()
-        return m
+        return _read_census_rows(self._exp, self._joinids[start:stop], self._var_joinids,
+                                 where=f"{self.provenance.get('census_uri', 'the Census')} X['raw'] (cells {start}-{stop - 1})")
+
+    def map_kept_blocks(self, cells_per_block: int, kernel, *args, window: int | None = None):
+        """``kernel(raw counts of a block's kept cells, *args)`` per block, as Dask tasks on the
+        current scheduler (threads, or the default ``distributed`` client), results in block
+        order (see :func:`dask_annot.pipeline.results_in_order`). Without a way to reopen the
+        store (an experiment object given directly), the blocks are read here in turn."""
+        if self._source is None:
+            return (kernel(self.read(a, b)[sel], *args) for a, b, sel in self.kept_blocks(cells_per_block))
+        import dask
+
+        from .pipeline import results_in_order
+
+        shared = [dask.delayed(x, pure=True) if isinstance(x, np.ndarray) else x for x in (self._var_joinids, *args)]
+        task = dask.delayed(_census_slice_task, pure=True)
+        tasks = (task(self._source, self._joinids[a:b][sel], *shared[:1], kernel, *shared[1:])
+                 for a, b, sel in self.kept_blocks(cells_per_block))
+        return results_in_order(tasks, window=window)
 
 
 def open_census(value_filter: str, *, organism: str = "homo_sapiens", census_uri: str | None = None,
@@ -402,6 +447,7 @@ def open_census(value_filter: str, *, organism: str = "homo_sapiens", census_uri
                   "label_column": LABEL_COLUMN, "dataset_column": DATASET_COLUMN, "selection": report,
                   "datasets": dataset_counts, "n_cells_input": int(labels.size), "n_cells_excluded": int(labels.size - keep.sum())}
     return CensusCells(exp, obs["soma_joinid"].to_numpy(dtype=np.int64), var["soma_joinid"].to_numpy(dtype=np.int64),
+                       source=(census_uri, census_version, organism),
                        gene_ids=var["feature_id"].to_numpy(dtype=str),
                        gene_names=var["feature_name"].to_numpy(dtype=str),
                        labels=labels, datasets=datasets, keep=keep, provenance=provenance)

@@ -193,6 +193,69 @@ def test_census_build_equals_h5ad_build(refs):
     assert ma["labels"] == mb["labels"] and ma["datasets"] == mb["datasets"] == sorted([SORTED_FILE.removesuffix(".h5ad"), PBMC4K_DATASET])
 
 
+@pytest.mark.parametrize("where", ["local_cluster", "threads"])
+def test_census_read_in_dask_slices_equals_the_serial_h5ad_build(cxg, soma_uri, tmp_path, request, where):
+    """The Census is read by Dask tasks, one per slice of soma_joinids (here 7 slices of at most
+    700 cells; per-type subsampling, so the slices' kept cells are not contiguous), on a real
+    2-worker LocalCluster or 2 threads; the reference is the one the files give read here in turn."""
+    import dask
+
+    kw = dict(max_cells_per_type=300, min_cells_per_type=10)
+    files = sources.open_cellxgene_files(cxg["files"], **kw)
+    serial = _build(tmp_path, "files", files, cells_per_block=700)
+    census = sources.open_census("", organism="homo_sapiens", census_uri=soma_uri, **kw)
+    assert np.array_equal(census.keep, files.keep) and census.keep.sum() < census.keep.size
+    if where == "local_cluster":
+        from distributed import get_task_stream
+
+        client = request.getfixturevalue("local_cluster_client")
+        with get_task_stream(client) as ts:
+            parallel = _build(tmp_path, "census", census, cells_per_block=700)
+        slices = [t for t in ts.data if t["key"].startswith("_census_slice_task")]
+        # three passes plus confidence's two reads, 7 slices each, on both workers
+        assert len(slices) == 5 * 7 and len({t["worker"] for t in slices}) == 2
+    else:
+        with dask.config.set(scheduler="threads", num_workers=2):
+            parallel = _build(tmp_path, "census", census, cells_per_block=700)
+    a, b = _arrays(serial), _arrays(parallel)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_embedding_product_does_not_depend_on_the_blas_threads():
+    """A Dask worker runs BLAS on one thread (the nanny's OPENBLAS_NUM_THREADS=1), the driver on
+    all cores; OpenBLAS splits ``z @ w`` differently over threads, so the kernel pins one thread."""
+    from threadpoolctl import threadpool_limits
+
+    from dask_annot import build
+    from dask_annot.normalize import mean_var
+
+    info = h5.open_matrix(shared_path("data", "pbmc_sorted_zheng2017", "pbmc_sorted_3500.h5ad"))
+    X = h5.read_cells(info, 0, info.n_cells)
+    s1, s2, nexpr, n = build._block_moments(X, 1e4)
+    mean, var = mean_var(s1, s2, n)
+    hvg = build.select_hvg(mean, var, nexpr, 1000)
+    w = np.random.default_rng(0).standard_normal((hvg.size, 30))
+    z = build._block_zscores(X, hvg, mean[hvg], np.sqrt(var[hvg]), 1e4, 10.0)
+    with threadpool_limits(limits=1, user_api="blas"):
+        one = build.project_one_thread(z, w)
+    with threadpool_limits(limits=2, user_api="blas"):
+        two = build.project_one_thread(z, w)
+    np.testing.assert_array_equal(one, two)  # float64: the float32 embedding would hide most differences
+
+
+def test_command_line_census_build_on_a_chosen_scheduler(refs, soma_uri, tmp_path):
+    from dask_annot.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["build-reference", "--census", "is_primary_data == True", "--census-uri", soma_uri, "--name", "cxg",
+                 "--output", str(out), "--scheduler", "threads", "--n-workers", "2"]) == 0
+    a, b = _arrays(refs["census"]), _arrays(out)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
 def test_reference_records_sources_filter_datasets_and_counts(refs, cxg):
     meta = read_artifact(refs["census"])[0]
     src = meta["source"]

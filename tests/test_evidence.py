@@ -93,3 +93,32 @@ def test_memory_preflight_counts_the_evidence_kernel():
 
     base = chunk_memory_bytes(10_000, n_genes=2000, k=500, n_ref=0, method="ann")
     assert base >= 10_000 * (2000 * 20 + 500 * 32) + outputs.evidence_memory_bytes(10_000, k=500)
+
+
+def test_entry_order_one_key_equals_lexsort(rng):
+    """The combined-key sort gives lexsort's order (the fallback for keys beyond int64)."""
+    idx = rng.integers(-1, 400, (60, 40))
+    codes_l, codes_d = rng.integers(0, 9, 400), rng.integers(0, 5, 400)
+    ds_rank = rng.permutation(5)
+    cell, lab, ds, cnt, tot = outputs._evidence_entries(idx, codes_l, codes_d, ds_rank, 9, 5)
+    kw = dict(n_cells=60, n_labels=9, n_ds=5)
+    one = outputs._entry_order(cell, tot, lab, cnt, ds_rank[ds], **kw)
+    lex = outputs._entry_order(cell, tot, lab, cnt, ds_rank[ds], **kw, max_key=1.0)
+    assert np.array_equal(one, lex) and np.array_equal(one, np.arange(cell.size))  # entries come out already in order
+
+
+def test_evidence_file_is_written_member_by_member_and_never_half(tmp_path):
+    members = [gzip.compress(b'{"barcode":"a","matches":[]}'), gzip.compress(b'{"barcode":"b","matches":[]}')]
+    out = tmp_path / "cell_annotation_results.json.gz"
+    outputs.atomic_write(out, outputs.json_results_parts(iter(members)))
+    assert out.read_bytes() == outputs.json_results(members)
+    assert json.loads(gzip.decompress(out.read_bytes())) == [{"barcode": "a", "matches": []}, {"barcode": "b", "matches": []}]
+
+    def broken():
+        yield members[0]
+        raise RuntimeError("a chunk could not be read")
+
+    out2 = tmp_path / "other.json.gz"
+    with pytest.raises(RuntimeError, match="could not be read"):
+        outputs.atomic_write(out2, outputs.json_results_parts(broken()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
