@@ -541,6 +541,7 @@ def _probe_block(q: np.ndarray, shard: Shard, probes: int) -> np.ndarray:
 
 _IVF_Q_TILE = 1024
 _IVF_FLOOR_CELLS = 4  # x k: members of each query's nearest lists that set its screening floor
+_IVF_BUFFER = 4  # x k: candidates held per query before compacting (small buffers: no page zeroing)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -556,18 +557,60 @@ def _scatter_vals(val32, qi, fill, dots):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def _keep_list(dots, qi, floor, o0, cand, count):  # pragma: no cover - compiled
-    """Append to each query's candidates the positions (list order) of one list's members
-    whose float32 similarity is at or above the query's floor."""
+def _compact(cand, cval, c, k, err):  # pragma: no cover - compiled
+    """Keep, of one query's ``c`` > k candidates, those within ``err`` (twice the float32
+    error) of the k-th best float32 similarity among them (in place, order kept); returns
+    how many are kept and that floor (float64). Every member of the float64 top k of these
+    candidates is kept, and so is every later member that could still enter it."""
+    kth = -np.partition(-cval[:c].astype(np.float64), k - 1)[k - 1]
+    floor = kth - err
+    m = 0
+    for u in range(c):
+        if cval[u] >= floor:
+            cand[m] = cand[u]
+            cval[m] = cval[u]
+            m += 1
+    return m, floor
+
+
+@numba.njit(nogil=True, cache=True)
+def _keep_list(dots, qi, floor, o0, cand, cval, count, k, err, full):  # pragma: no cover - compiled
+    """Append to each query's candidates the positions (list order) and float32 similarities
+    of one list's members at or above its floor (float64). A query whose buffer is full is
+    compacted (:func:`_compact`), which raises its floor; one still full after that (more
+    than the buffer within the error of its k-th: tied cells) is flagged in ``full`` for a
+    search with a buffer as wide as its candidates."""
+    cap = cand.shape[1]
     for j in range(qi.shape[0]):
         i = qi[j]
+        if full[i]:
+            continue
         f = floor[i]
         c = count[i]
         for u in range(dots.shape[1]):
-            if dots[j, u] >= f:
+            v = dots[j, u]
+            if v >= f:
+                if c == cap:
+                    c, f2 = _compact(cand[i], cval[i], c, k, err)
+                    f = max(f, f2)
+                    if c == cap:
+                        full[i] = True
+                        break
+                    if v < f:
+                        continue
                 cand[i, c] = o0 + u
+                cval[i, c] = v
                 c += 1
         count[i] = c
+        floor[i] = f
+
+
+@numba.njit(nogil=True, cache=True)
+def _tighten(cand, cval, count, k, err):  # pragma: no cover - compiled
+    """:func:`_compact` every query with more than k candidates (fewer are re-scored)."""
+    for i in range(cand.shape[0]):
+        if count[i] > k:
+            count[i] = _compact(cand[i], cval[i], count[i], k, err)[0]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -653,52 +696,63 @@ def ivf_search(q: np.ndarray, probed: np.ndarray, members: np.ndarray, offsets: 
     stored contiguously in list order): the first, over each query's nearest lists only
     (about :data:`_IVF_FLOOR_CELLS` x k members), gives its k-th best float32 similarity
     there, a lower bound of the final k-th best; the second keeps every member of every
-    probed list within twice the float32 error of that bound. Those candidates are
-    re-scored in float64 in a fixed order (:func:`_rescore_lists`). So the result is the
+    probed list within twice the float32 error of that bound, in a buffer of
+    :data:`_IVF_BUFFER` x k per query which, when full, keeps only those within twice the
+    error of the k-th best float32 similarity among them (raising the bound; :func:`_compact`).
+    The survivors are re-scored in float64 in a fixed order (:func:`_rescore_lists`). So the result is the
     float64 top k of the probed lists, whatever the tiling, BLAS or thread count.
     """
     q64 = np.ascontiguousarray(unit_rows(np.asarray(q, dtype=np.float64)))
-    sizes = np.diff(offsets)
     n = q64.shape[0]
     out_val = np.full((n, k), -np.inf)
     out_idx = np.full((n, k), -1, np.int64)
     for lo in range(0, n, _IVF_Q_TILE):
-        qs64 = q64[lo : lo + _IVF_Q_TILE]
-        qs32 = qs64.astype(np.float32)
-        pr = np.asarray(probed[lo : lo + _IVF_Q_TILE], dtype=np.int64)
-        nq, n_pr = pr.shape
-        cum = np.cumsum(sizes[pr], axis=1)
-        m = cum[:, -1] if n_pr else np.zeros(nq, np.int64)
-        width = int(m.max()) if nq else 0
-        if width == 0:
-            continue
-        # pass 1: each query's nearest lists up to _IVF_FLOOR_CELLS x k members (all if fewer)
-        first = np.minimum((cum < _IVF_FLOOR_CELLS * k).sum(axis=1) + 1, n_pr)
-        near = np.arange(n_pr)[None, :] < first[:, None]
-        w1 = int(np.where(near, sizes[pr], 0).sum(axis=1).max())
-        val32 = np.full((nq, max(w1, 1)), -np.inf, np.float32)
-        fill = np.zeros(nq, np.int64)
-        rows, cols = np.nonzero(near)
-        for lst, qi in _by_list(pr[rows, cols], rows):
-            o0, o1 = offsets[lst], offsets[lst + 1]
-            if o1 > o0:
-                _scatter_vals(val32, qi, fill, qs32[qi] @ ref32[o0:o1].T)
-        kth = np.full(nq, -np.inf)
-        enough = fill >= k
-        if enough.any():
-            kth[enough] = np.partition(val32[enough], w1 - k, axis=1)[:, w1 - k].astype(np.float64)
-        floor = (kth - 2 * _F32_DOT_ERROR).astype(np.float32)
-        floor = np.where(floor.astype(np.float64) > kth - 2 * _F32_DOT_ERROR, np.nextafter(floor, np.float32(-np.inf)), floor)
-        # pass 2: every probed list, keeping the members at or above the floor
-        cand = np.empty((nq, width), np.int32)  # touched only as far as each query's count
-        count = np.zeros(nq, np.int64)
-        for lst, qi in _by_list(pr.ravel(), np.repeat(np.arange(nq), n_pr)):
-            o0, o1 = offsets[lst], offsets[lst + 1]
-            if o1 > o0:
-                _keep_list(qs32[qi] @ ref32[o0:o1].T, qi, floor, o0, cand, count)
-        vals, ids = _rescore_lists(qs64, ref64, members, cand, count, k)
-        out_val[lo : lo + nq], out_idx[lo : lo + nq] = vals, ids
+        hi = min(lo + _IVF_Q_TILE, n)
+        pr = np.asarray(probed[lo:hi], dtype=np.int64)
+        vals, ids, full = _ivf_tile(q64[lo:hi], pr, members, offsets, ref32, ref64, k, _IVF_BUFFER * k)
+        for i in np.flatnonzero(full):  # tied cells beyond the buffer: this query alone, a buffer of all its candidates
+            width = max(int(np.diff(offsets)[pr[i]].sum()), 1)
+            vals[i], ids[i], _ = _ivf_tile(q64[lo + i : lo + i + 1], pr[i : i + 1], members, offsets, ref32, ref64, k, width)
+        out_val[lo:hi], out_idx[lo:hi] = vals, ids
     return out_val, out_idx
+
+
+def _ivf_tile(qs64: np.ndarray, pr: np.ndarray, members, offsets, ref32, ref64, k: int, cap: int):
+    """:func:`ivf_search` of one tile of queries with candidate buffers of ``cap`` entries;
+    also returns which queries overflowed them (searched again with a wider buffer)."""
+    sizes = np.diff(offsets)
+    qs32 = qs64.astype(np.float32)
+    nq, n_pr = pr.shape
+    err = 2 * _F32_DOT_ERROR
+    cum = np.cumsum(sizes[pr], axis=1) if n_pr else np.zeros((nq, 1), np.int64)
+    # pass 1: each query's nearest lists up to _IVF_FLOOR_CELLS x k members (all if fewer)
+    first = np.minimum((cum < _IVF_FLOOR_CELLS * k).sum(axis=1) + 1, n_pr)
+    near = np.arange(n_pr)[None, :] < first[:, None]
+    w1 = max(int(np.where(near, sizes[pr], 0).sum(axis=1).max()) if nq else 0, 1)
+    val32 = np.full((nq, w1), -np.inf, np.float32)
+    fill = np.zeros(nq, np.int64)
+    rows, cols = np.nonzero(near)
+    for lst, qi in _by_list(pr[rows, cols], rows):
+        o0, o1 = offsets[lst], offsets[lst + 1]
+        if o1 > o0:
+            _scatter_vals(val32, qi, fill, qs32[qi] @ ref32[o0:o1].T)
+    floor = np.full(nq, -np.inf)
+    enough = fill >= k
+    if enough.any():
+        floor[enough] = np.partition(val32[enough], w1 - k, axis=1)[:, w1 - k].astype(np.float64) - err
+    # pass 2: every probed list, keeping the members at or above the (rising) floor
+    cap = max(int(cap), k)
+    cand = np.empty((nq, cap), np.int32)
+    cval = np.empty((nq, cap), np.float32)
+    count = np.zeros(nq, np.int64)
+    full = np.zeros(nq, np.bool_)
+    for lst, qi in _by_list(pr.ravel(), np.repeat(np.arange(nq), n_pr)):
+        o0, o1 = offsets[lst], offsets[lst + 1]
+        if o1 > o0:
+            _keep_list(qs32[qi] @ ref32[o0:o1].T, qi, floor, o0, cand, cval, count, k, err, full)
+    _tighten(cand, cval, count, k, err)
+    vals, ids = _rescore_lists(qs64, ref64, members, cand, count, k)
+    return vals, ids, full
 
 
 def inverted_lists(unit: np.ndarray, n_lists: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

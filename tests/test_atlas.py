@@ -228,3 +228,22 @@ def test_a_damaged_shard_is_refused_when_it_is_mapped(references, tmp_path):
     with pytest.raises(ReferenceArtifactError, match=r"unit_00002\.npy: its checksum differs.*rebuild it"):
         _annotate(tmp_path / "out", ref, knn_method="ivf", chunk_cells=300)
     assert not list((tmp_path / "out").rglob("cell_types.csv"))
+
+
+def test_ivf_with_more_tied_cells_than_its_buffer_is_still_the_exact_top_k(rng):
+    """Thousands of reference cells with one embedding (empty-ish cells project to one point)
+    overflow the per-query candidate buffer; those queries are searched again with a buffer
+    of all their candidates, and the result is the exact search's, ties by index."""
+    from dask_annot import knn
+
+    base = resolve_model("human_pbmc_v1").embedding.astype(np.float64)
+    ref = np.concatenate([base, np.repeat(base[:1], 3000, axis=0), base[::-1]])
+    unit = knn.unit_rows(ref)
+    cent, members, offsets = knn.inverted_lists(unit, 8, seed=0)
+    ref64 = np.ascontiguousarray(unit[members])
+    q = np.concatenate([base[:1] + rng.normal(scale=0.01, size=(5, base.shape[1])), base[1:40]])
+    probed = np.tile(np.arange(8, dtype=np.int32), (q.shape[0], 1))  # every list: the exact search
+    vals, idx = knn.ivf_search(q, probed, members, offsets, ref64.astype(np.float32), ref64, 500)
+    ev, ei = knn.exact_search(q, unit, 500)
+    np.testing.assert_array_equal(idx, ei)
+    np.testing.assert_array_equal(vals, ev)
