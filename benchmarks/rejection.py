@@ -29,7 +29,9 @@ Scoring is at the level both label sets share, through Cell Ontology ancestors (
 ``benchmarks/accuracy.py``; mouse: B / T / NK / granulocyte / monocyte). The
 thresholds' constants (``dask_annot/confidence.py``) were chosen while looking at the
 first pair (sorted minus B+Mono -> pbmc4k): its numbers are in-sample for those
-choices; the other pairs, the brain file and the example were not looked at first.
+choices. The second signal (a foreign program shared by most of a neighbourhood; a cell
+is ``Unassigned`` only when both signals fire) was added after looking at every run
+here, including the built-in mouse model on Zilionis and the brain file: in-sample for all.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ SORTED = DATA / "pbmc_sorted_zheng2017" / "pbmc_sorted_3500.h5ad"
 PBMC4K = DATA / "pbmc4k_soupx" / "pbmc4k_2170cells_soupx_labels.h5ad"
 ACTINN = DATA / "mouse_immune_actinn" / "actinn_train_1000cells.h5ad"
 ZILIONIS = DATA / "mouse_tissue" / "zilionis_mouse_lung_immune_800cells.h5ad"
+PANCREAS = DATA / "mouse_tissue" / "bastidas_mouse_pancreas_e15_739cells.h5ad"
 BRAIN = REPO / "tests" / "data" / "tenx_h5_format_tests" / "scminer_cr6.0_brain_tumor_3pLT_182cells_36601genes.h5"
 
 HUMAN = [("CL:0000236", "B"), ("CL:0000624", "CD4 T"), ("CL:0000625", "CD8 T"), ("CL:0000623", "NK"), ("CL:0000113", "MNP")]
@@ -156,8 +159,19 @@ def leave_out(work, *, name, ref, query, truth, scorer, pred_map=None):
         "rejected_by_nearest_type": auto["record"]["confidence"].get("rejected_by_nearest_type"),
         "thresholds": auto["record"]["confidence"].get("thresholds"),
         "annotate_s": auto["seconds"],
+        **signals(auto, {"absent": absent, "present": present}),
     }
     return out, auto
+
+
+def signals(auto, groups):
+    """Per group of cells: share over the load threshold alone, and share rejected (load AND program)."""
+    rec = auto["record"]["confidence"]
+    out = {"cells_over_load_threshold": rec.get("cells_over_load_threshold"), "cells_with_foreign_program": rec.get("cells_with_foreign_program")}
+    for name, m in groups.items():
+        if m.any():
+            out[f"{name}_unassigned_pct"] = pct(auto["rejected"][m].mean())
+    return out
 
 
 def full(work, *, name, ref, query, cat_true, scorer):
@@ -175,6 +189,8 @@ def full(work, *, name, ref, query, cat_true, scorer):
         "accuracy_kept": round(float((cat_auto == cat_true)[scored & kept].mean()), 4),
         "accuracy_reject_none": round(float((cat_none == cat_true)[scored].mean()), 4),
         "depth_counts": auto["record"]["confidence"].get("depth_counts"),
+        "unassigned_pct_by_true_type": {str(t): pct(auto["rejected"][cat_true == t].mean()) for t in np.unique(cat_true)},
+        **signals(auto, {}),
     }, auto, cat_auto
 
 
@@ -274,7 +290,18 @@ def main() -> None:
     }
     brain = annotate(work, "human_pbmc_v1", BRAIN, "auto", "brain")
     example = annotate(work, "human_pbmc_v1", REPO / "dask_annot" / "data" / "example" / "pbmc4k_800cells.h5", "auto", "example")
+    mouse_builtin = annotate(work, "mouse_immune_v1", ZILIONIS, "auto", "mouse-builtin")
+    pancreas = annotate(work, "mouse_immune_v1", PANCREAS, "auto", "pancreas")
     res["builtin"] = {
+        "zilionis inDrop lung (mouse_immune_v1)": {
+            "cells": int(mouse_builtin["rejected"].size), "unassigned_pct": pct(mouse_builtin["rejected"].mean()),
+            "unassigned_pct_by_true_type": {str(t): pct(mouse_builtin["rejected"][t_zil == t].mean()) for t in np.unique(t_zil)},
+            "cells_over_load_threshold": mouse_builtin["record"]["confidence"].get("cells_over_load_threshold"),
+            "accuracy_kept": round(float((np.array([mouse(x) for x in mouse_builtin["fine"]]) == t_zil)[(t_zil != "other") & ~mouse_builtin["rejected"]].mean()), 4)},
+        "E15 pancreas, another tissue (mouse_immune_v1)": {
+            "cells": int(pancreas["rejected"].size), "unassigned_pct": pct(pancreas["rejected"].mean()),
+            "labels_of_kept": {str(k): int(v) for k, v in zip(*np.unique(pancreas["fine"][~pancreas["rejected"]].astype(str), return_counts=True))},
+            "nearest_types": {k: v["cells"] for k, v in pancreas["record"]["confidence"]["rejected_by_nearest_type"].items()}},
         "brain tumour (human_pbmc_v1)": {"cells": int(brain["rejected"].size), "unassigned_pct": pct(brain["rejected"].mean()),
                                           "labels_of_kept": {str(k): int(v) for k, v in zip(*np.unique(brain["fine"][~brain["rejected"]].astype(str), return_counts=True))}},
         "bundled example (human_pbmc_v1)": {"cells": int(example["rejected"].size), "unassigned_pct": pct(example["rejected"].mean())},
@@ -293,7 +320,12 @@ def main() -> None:
 def report(res: dict) -> str:
     L = ["# Rejection and calibration benchmark (issue 11)", "",
          f"Generated {res['generated']} by `{res['command']}` ({res['total_s']} s). Data: ../shared/data (see its README); "
-         "constants chosen while looking at the first leave-out pair (in-sample there), not at the others.", "",
+         "the load test's constants were chosen while looking at the first leave-out pair (in-sample there); the second signal "
+         "(a foreign program: PROGRAM_FRACTION 0.5, rejected only when both fire; genes every populated query type expresses do not count) "
+         "was chosen after seeing every pair here, the "
+         "brain file and Zilionis, so none of these numbers are out-of-sample for it. The pancreas sample was first run after "
+         "that choice and came out 0% Unassigned; the sample-wide rule was then narrowed (a gene a population mostly expresses is a "
+         "program even when every population has it): in-sample since.", "",
          "## Leave classes out", "",
          "| pair | absent cells | absent Unassigned % (bar >= 95) | present cells | present kept % (bar >= 95) | present accuracy, kept, with rejection | without rejection (all present) | without rejection (same kept cells) |",
          "|---|---|---|---|---|---|---|---|"]
@@ -303,6 +335,11 @@ def report(res: dict) -> str:
     L += ["", "## Full references", "", "| direction | Unassigned % (bar <= 5) | accuracy, Unassigned wrong | accuracy of kept cells | accuracy --reject none | call depths |", "|---|---|---|---|---|---|"]
     for k, v in res["full"].items():
         L.append(f"| {k} | {v['unassigned_pct']} | {v['accuracy_unassigned_wrong']} | {v['accuracy_kept']} | {v['accuracy_reject_none']} | {v['depth_counts']} |")
+    L += ["", "## The two signals (a cell is Unassigned only when both say novel)", "",
+          "| run | cells over the foreign-load threshold (alone the old rule) | cells with a foreign program | Unassigned % by true type |", "|---|---|---|---|"]
+    for k, v in list(res["leave_out"].items()) + list(res["full"].items()):
+        by = v.get("unassigned_pct_by_true_type") or {g: v[f"{g}_unassigned_pct"] for g in ("absent", "present") if f"{g}_unassigned_pct" in v}
+        L.append(f"| {k} | {v.get('cells_over_load_threshold')} | {v.get('cells_with_foreign_program')} | {by} |")
     c = res["calibration"]
     L += ["", "## Calibration (sorted reference -> pbmc4k)", "",
           f"- cells with final_level_softmax_prob >= 0.9: {c['cells_prob_ge_0.9']} ({c['share_of_kept_scored_cells']}% of kept scored cells), "
@@ -315,9 +352,12 @@ def report(res: dict) -> str:
     c2 = res["full"]["pbmc4k -> sorted"]["calibration"]
     L += ["", f"pbmc4k reference -> sorted: prob >= 0.9 right {c2['prob_ge_0.9_right_pct']}% ({c2['cells_prob_ge_0.9']} cells); "
           f"query ECE {c2['query_ece_shared_level']}; reference CV ECE fine {c2['reference_cv_ece']['fine']}, coarse {c2['reference_cv_ece']['coarse']}"]
-    L += ["", "## Built-in human model", ""]
+    L += ["", "## Built-in models", ""]
     for k, v in res["builtin"].items():
-        L.append(f"- {k}: {v['unassigned_pct']}% of {v['cells']} cells Unassigned" + (f"; kept cells called {v['labels_of_kept']}" if "labels_of_kept" in v else ""))
+        L.append(f"- {k}: {v['unassigned_pct']}% of {v['cells']} cells Unassigned" + (f"; kept cells called {v['labels_of_kept']}" if "labels_of_kept" in v else "")
+                 + (f"; nearest types {v['nearest_types']}" if "nearest_types" in v else "")
+                 + (f"; by true type {v['unassigned_pct_by_true_type']}; over the load threshold alone {v['cells_over_load_threshold']} cells; "
+                    f"kept cells' accuracy {v['accuracy_kept']}" if "unassigned_pct_by_true_type" in v else ""))
     L += ["", "## Issue 13 item 3: class-balanced vote vs EM prior correction (before label spreading)", "",
           "| direction | plurality | class-balanced | EM prior (Saerens 2002) |", "|---|---|---|---|"]
     for k, v in res["prior_correction_13_3"].items():

@@ -58,6 +58,7 @@ def annotate(
     quiet: bool = False,
     allow_bins: bool = False,
     cell_geometry: str | os.PathLike | None = None,
+    organs: str | list[str] | None = None,
 ) -> "pd.DataFrame":
     """Label every cell; returns ``cell_types.csv`` as a DataFrame indexed by barcode.
 
@@ -101,6 +102,9 @@ def annotate(
     allow_bins, cell_geometry
         As ``--allow-bins`` and ``--cell-geometry`` (Visium HD; a Space Ranger ``outs/`` may be
         passed as the path).
+    organs
+        As ``--organ``: with a marker model, only the cell types of these organs are
+        candidates (a list, or a comma-separated string); default: every organ.
 
     Returns
     -------
@@ -119,7 +123,8 @@ def annotate(
 
     log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     run_id = run_id or "dask_annot"
-    settings = config.resolve(k=k, layout=layout, consensus=consensus, reject=reject, chunk_cells=chunk_cells, force=force or None)
+    settings = config.resolve(k=k, layout=layout, consensus=consensus, reject=reject, chunk_cells=chunk_cells, force=force or None,
+                               organs=organs)
     with tempfile.TemporaryDirectory(prefix="dask-annot-") as tmp:
         matrix = _as_matrix_path(adata_or_path, Path(tmp), layer=layer)
         out = Path(output_dir) if output_dir is not None else Path(tmp) / "out"

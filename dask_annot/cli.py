@@ -48,7 +48,7 @@ def _cmd_annotate(a: argparse.Namespace) -> int:
     from . import config, pipeline
 
     settings = config.resolve(k=a.k, chunk_cells=a.chunk_cells, knn_method=a.knn_method, layout=a.layout,
-                              consensus=a.consensus, reject=a.reject, force=a.force or None, **_cluster_settings(a))
+                              consensus=a.consensus, reject=a.reject, force=a.force or None, organs=a.organ, **_cluster_settings(a))
     if a.print_job_script:
         return _print_job_script(settings)
     matrix = example_path() if a.matrix == "example" else a.matrix
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--reject", default=None, choices=["auto", "none"],
                     help="auto (default): cells unlike the reference are 'Unassigned' and a call is only as deep as its "
                          "calibrated probability supports; none: every cell gets a fine label (10x's semantics)")
+    an.add_argument("--organ", default=None, help="marker models: only the cell types of these organs (comma-separated, "
+                                                  "e.g. pancreas; `dask-annot models` lists them) are candidates; default: every organ")
     an.add_argument("--force", action="store_true", help="run on fewer than 100 cells")
     an.add_argument("--quiet", action="store_true", help="no progress bar")
     an.set_defaults(func=_cmd_annotate)

@@ -19,6 +19,15 @@ only if it is foreign without that cell) and pooled over the reference's own
 :data:`POOL_K`-NN graph. Only genes the query measured count: the thresholds are scaled
 by the share of the reference's foreign load that falls in measured genes.
 
+**Second signal (a foreign program).** The load alone cannot tell a missing type from a
+technology shift, which adds a few UMIs of many foreign genes to every cell. A missing
+type has a *program*: foreign genes most of its cells express. :func:`program_genes`
+counts, per cell, the foreign genes more than :data:`PROGRAM_FRACTION` of the cell and
+its neighbours express; the per-label threshold is the :data:`QUANTILE` quantile of the
+same count over the label's reference cells (leave-one-out counts, reference graph).
+Genes the query's cells of every populated nearest type express, none in most of its
+cells (:func:`sample_wide`), are the sample's and do not count. A cell is rejected only when both signals fire.
+
 **Calibration.** At build time the reference's cells are annotated in held-out folds
 (by dataset when the reference has several, else :data:`N_FOLDS` stratified random
 folds, seeded) with the rest, by the same kNN vote annotate uses (cosine distance,
@@ -54,6 +63,13 @@ MIN_COUNT = 2
 POOL_K = 15
 QUANTILE = 0.99
 MIN_POOLED_UMIS = 10
+PROGRAM_FRACTION = 0.5  # a gene "most of" a neighbourhood expresses
+MIN_GROUP_CELLS = int(round(1 / FOREIGN_MAX_FRACTION))  # cells a fraction needs to be measured at FOREIGN_MAX_FRACTION
+RULE = ("rejected when both: the pooled foreign-gene load, above the query's own per-gene background, is over the label's "
+        "leave-one-out reference quantile (on the genes the query measured); and the cell's neighbourhood shares a foreign "
+        "program (more foreign genes expressed by most of the cell and its neighbours than the label's reference cells' quantile; "
+        "genes every populated nearest type of the query expresses, none of them in most of its cells, are the sample's, "
+        "not a program, and do not count)")
 N_FOLDS = 5
 CALIBRATION_MAX_CELLS = 20_000
 SELF_GRAPH_EXACT_MAX_CELLS = 50_000
@@ -428,9 +444,82 @@ def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | Non
     ref_genes[conf.cand_columns] = True
     thr = reference_thresholds(conf.ref_counts, conf.ref_depth, conf.ref_graph, conf.label_codes, conf.n_labels, ref_genes)
     load = np.divide(xp, dp, out=np.zeros_like(xp), where=dp > 0)
-    rejected = (load > thr[np.asarray(fine, dtype=np.int64)]) & (xp >= MIN_POOLED_UMIS)
-    info = {"thresholds": thr, "foreign_genes_measured": int(conf.foreign.sum()), "foreign_genes_with_background": int((rate > 0).sum())}
+    fine = np.asarray(fine, dtype=np.int64)
+    loaded = (load > thr[fine]) & (xp >= MIN_POOLED_UMIS)
+    # second signal: a foreign *program* (genes most of the neighbourhood expresses), over the
+    # label's leave-one-out reference level; a technology shift adds diffuse foreign UMIs, not programs
+    wide = sample_wide(E, fine, conf.n_labels)
+    prog = program_genes(E[:, np.flatnonzero(~wide)], nbr)
+    ref_prog = program_genes(conf.ref_counts[:, conf.cand_columns], conf.ref_graph)
+    pthr = label_quantiles(ref_prog, conf.label_codes, conf.n_labels)
+    programmed = prog > pthr[fine]
+    rejected = loaded & programmed
+    info = {"thresholds": thr, "program_thresholds": pthr, "foreign_genes_measured": int(conf.foreign.sum()),
+            "foreign_genes_with_background": int((rate > 0).sum()), "sample_wide_genes": int(wide.sum()),
+            "cells_over_load_threshold": int(loaded.sum()), "cells_with_foreign_program": int(programmed.sum())}
     return rejected, info
+
+
+def neighbourhood_matrix(n: int, nbr: np.ndarray | None) -> sp.csr_matrix:
+    """n x n, 1 where column j is row i or one of its neighbours (``nbr``, -1 = none)."""
+    if nbr is not None and nbr.size:
+        valid = np.asarray(nbr) >= 0
+        rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), valid.sum(axis=1))])
+        cols = np.concatenate([np.arange(n), np.asarray(nbr)[valid]])
+    else:
+        rows = cols = np.arange(n)
+    return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+
+
+def sample_wide(E: sp.csr_matrix, fine: np.ndarray, n_labels: int) -> np.ndarray:
+    """Per foreign gene (column of ``E``): True when the query's cells of *every* nearest label
+    with at least :data:`MIN_GROUP_CELLS` cells express it (at least :data:`MIN_COUNT` UMIs) more
+    often than :data:`FOREIGN_MAX_FRACTION` but none of them in more than
+    :data:`PROGRAM_FRACTION` of its cells, and at least two labels are that populated: the
+    reference's foreign rule mirrored on the query. A gene every query population has at a low
+    rate is the sample's (its chemistry, its gene annotation); one that a population expresses
+    in most of its cells is a program, even when every population has it (a foreign tissue
+    spread over several reference types). A query that falls on a single reference type
+    cannot show this, and keeps every gene."""
+    E = sp.csr_matrix(E)
+    fine = np.asarray(fine, dtype=np.int64)
+    sizes = np.bincount(fine, minlength=n_labels)
+    big = np.flatnonzero(sizes >= MIN_GROUP_CELLS)
+    if big.size < 2:
+        return np.zeros(E.shape[1], dtype=bool)
+    on = sp.csr_matrix(((E.data > 0).astype(np.float64), E.indices, E.indptr), shape=E.shape)
+    onehot = sp.csr_matrix((np.ones(fine.size), (fine, np.arange(fine.size))), shape=(n_labels, fine.size))
+    frac = (onehot @ on).toarray()[big] / sizes[big, None]
+    return (frac > FOREIGN_MAX_FRACTION).all(axis=0) & (frac <= PROGRAM_FRACTION).all(axis=0)
+
+
+def program_genes(E: sp.csr_matrix, nbr: np.ndarray | None) -> np.ndarray:
+    """Per cell: how many foreign genes (columns of ``E``: counts kept only where at least
+    :data:`MIN_COUNT`) more than :data:`PROGRAM_FRACTION` of the cell and its neighbours
+    express: the foreign genes its neighbourhood shares as a program."""
+    E = sp.csr_matrix(E)
+    n = E.shape[0]
+    if n == 0:
+        return np.zeros(0)
+    A = neighbourhood_matrix(n, nbr)
+    size = np.asarray(A.sum(axis=1), dtype=np.float64).ravel()
+    on = sp.csr_matrix((np.ones(E.nnz), E.indices, E.indptr), shape=E.shape)
+    on.data[E.data <= 0] = 0.0
+    F = sp.csr_matrix(A @ on)
+    rows = np.repeat(np.arange(n), np.diff(F.indptr))
+    return np.bincount(rows, weights=(F.data > PROGRAM_FRACTION * size[rows]).astype(np.float64), minlength=n)
+
+
+def label_quantiles(values: np.ndarray, label_codes: np.ndarray, n_labels: int) -> np.ndarray:
+    """Per label: the :data:`QUANTILE` quantile of ``values`` over its reference cells, never below
+    the reference-wide quantile."""
+    overall = float(np.quantile(values, QUANTILE)) if values.size else 0.0
+    out = np.full(n_labels, overall)
+    for i in range(n_labels):
+        vals = values[label_codes == i]
+        if vals.size:
+            out[i] = max(float(np.quantile(vals, QUANTILE)), overall)
+    return out
 
 
 def pooled_sums(x: np.ndarray, depth: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -465,8 +554,9 @@ def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None,
     out = {
         "reject": reject,
         "applied": reject != "none",
-        "rule": nov["rule"] if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
-        "parameters": {k: nov[k] for k in ("foreign_max_fraction", "min_count", "pool_k", "quantile", "min_pooled_umis", "background")},
+        "rule": RULE if reject != "none" else "none: every cell keeps its vote (10x's semantics)",
+        "parameters": {**{k: nov[k] for k in ("foreign_max_fraction", "min_count", "pool_k", "quantile", "min_pooled_umis", "background")},
+                       "program_fraction": PROGRAM_FRACTION, "min_group_cells": MIN_GROUP_CELLS},
         "foreign_genes_in_reference": nov["foreign_genes"],
         "calibration": {"folds": cal["folds"], "cells_scored": cal["cells_scored"],
                         "fine": {"ece": cal["fine"]["ece"], "curve": cal["fine"]["curve"]},
@@ -476,6 +566,10 @@ def record(conf: Confidence | None, *, reject: str, rejected: np.ndarray | None,
         out["thresholds"] = {lab: float(t) for lab, t in zip(labels, info["thresholds"])}
         out["foreign_genes_measured"] = info["foreign_genes_measured"]
         out["foreign_genes_with_query_background"] = info["foreign_genes_with_background"]
+        out["program_thresholds"] = {lab: float(t) for lab, t in zip(labels, info["program_thresholds"])}
+        out["cells_over_load_threshold"] = info["cells_over_load_threshold"]
+        out["cells_with_foreign_program"] = info["cells_with_foreign_program"]
+        out["sample_wide_genes"] = info["sample_wide_genes"]
     if rejected is not None:
         fine = np.asarray(fine, dtype=np.int64)
         per = {}

@@ -62,6 +62,7 @@ class Settings:
     cluster_config: str | None = None
     worker_timeout: float | None = None
     job_options: dict = field(default_factory=dict)
+    organs: tuple = ()  # marker models: only the cell types of these organs are candidates (--organ)
 
 
 def resolve(**flags: Any) -> Settings:
@@ -90,4 +91,14 @@ def resolve(**flags: Any) -> Settings:
         raise ConfigError(f"--reject must be auto or none, got '{s.reject}'")
     if s.layout not in ("cloud", "hierarchical"):
         raise ConfigError(f"--layout must be cloud or hierarchical, got '{s.layout}'")
-    return dataclasses.replace(s, k=int(s.k), chunk_cells=int(s.chunk_cells))
+    return dataclasses.replace(s, k=int(s.k), chunk_cells=int(s.chunk_cells), organs=_organ_list(s.organs))
+
+
+def _organ_list(value: Any) -> tuple:
+    """``--organ`` / ``organs:`` as a tuple of lower-case names (a comma-separated string or a list)."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise ConfigError(f"organs: give organ names as a list or a comma-separated string, got {value!r}")
+    return tuple(dict.fromkeys(x.strip().lower() for x in items if x.strip()))

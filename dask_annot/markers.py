@@ -260,16 +260,41 @@ class GenePlan:
     query_cols: np.ndarray
     model_genes: np.ndarray
     n_model_genes: int
-    scorable: np.ndarray  # per type: enough of its markers are measured in the query
+    scorable: np.ndarray  # per type: a candidate (enough of its markers measured in the query, and of the --organ organs)
+    organs: tuple = ()  # --organ: only the types of these organs are candidates (empty: every type)
+    organ_types: int = 0  # types of those organs (before the measured-marker rule)
 
     def record(self) -> dict:
-        return {"model_genes": self.n_model_genes, "shared_genes": int(self.query_cols.size), "matched_by": "symbol, case-insensitive",
-                "cell_types_scorable": int(self.scorable.sum()), "cell_types": int(self.scorable.size),
-                "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers, and at least {MIN_MEASURED_GENES}, in the matrix"}
+        rec = {"model_genes": self.n_model_genes, "shared_genes": int(self.query_cols.size), "matched_by": "symbol, case-insensitive",
+               "cell_types_scorable": int(self.scorable.sum()), "cell_types": int(self.scorable.size),
+               "scorable_rule": f"at least {MIN_MEASURED:.0%} of a type's markers, and at least {MIN_MEASURED_GENES}, in the matrix"}
+        if self.organs:
+            rec.update(organs=list(self.organs), cell_types_of_organs=self.organ_types)
+        return rec
 
 
-def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str) -> GenePlan:
-    """Match the model's marker genes to the query's gene symbols (case-insensitive, first occurrence)."""
+def organ_candidates(model: MarkerModel, organs) -> np.ndarray:
+    """Per type: is it a candidate when the user names the sample's organs (``--organ``)?
+    A type is when any organ table that lists it is among ``organs``; no organs = every type.
+    An organ the model does not know is a :class:`ConfigError` naming the ones it does."""
+    wanted = [o.strip().lower() for o in (organs or ()) if o and o.strip()]
+    if not wanted:
+        return np.ones(len(model.labels), bool)
+    known = set(model.organs)
+    if not known:
+        raise ConfigError(f"--organ: model '{model.name}' lists no organs (its marker table has no organ column); "
+                          "leave --organ out, or rebuild the model from a table with an organ column")
+    bad = [o for o in wanted if o not in known]
+    if bad:
+        raise ConfigError(f"--organ {','.join(bad)}: not an organ of model '{model.name}'; choose from {', '.join(sorted(known))}")
+    type_organs = model.meta.get("type_organs", {})
+    return np.array([bool(set(type_organs.get(lab, ())) & set(wanted)) for lab in model.labels])
+
+
+def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str, organs=()) -> GenePlan:
+    """Match the model's marker genes to the query's gene symbols (case-insensitive, first
+    occurrence). With ``organs`` only the types of those organs are candidates
+    (:func:`organ_candidates`)."""
     first: dict[str, int] = {}
     for i, n in enumerate(np.asarray(feature_names, dtype=str)):
         first.setdefault(n.upper(), i)
@@ -283,12 +308,19 @@ def align_markers(model: MarkerModel, feature_names: np.ndarray, *, source: str)
     n_all = np.bincount(model.type_idx, minlength=len(model.labels))
     n_meas = np.bincount(model.type_idx, weights=measured[model.gene_idx], minlength=len(model.labels))
     scorable = (n_meas >= MIN_MEASURED * n_all) & (n_meas >= MIN_MEASURED_GENES)
+    in_organs = organ_candidates(model, organs)
+    organs_used = sorted({o.strip().lower() for o in (organs or ()) if o and o.strip()})
+    if organs_used and not (scorable & in_organs).any():
+        raise GeneOverlapError(f"{source}: no cell type of organ(s) {', '.join(organs_used)} in model '{model.name}' has enough of its "
+                               "marker genes in the matrix; check --organ and the species")
+    scorable = scorable & in_organs
     if len(q) < MIN_SHARED_GENES or not scorable.any():
         raise GeneOverlapError(
             f"{source}: only {len(q)} of the {len(model.genes)} marker genes of model '{model.name}' ({model.species}) are in the matrix; "
             "check the species, or that the matrix has gene symbols"
         )
-    return GenePlan(query_cols=np.array(q, np.int64), model_genes=np.array(m, np.int64), n_model_genes=len(model.genes), scorable=scorable)
+    return GenePlan(query_cols=np.array(q, np.int64), model_genes=np.array(m, np.int64), n_model_genes=len(model.genes), scorable=scorable,
+                    organs=tuple(organs_used), organ_types=int(in_organs.sum()))
 
 
 def block_gene_sums(path: str, start: int, stop: int, n_features: int, cols: np.ndarray) -> np.ndarray:

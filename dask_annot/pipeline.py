@@ -298,7 +298,7 @@ def plan_model(spec: str, st: store.StoreInfo, settings: Settings) -> KnnPlan | 
     if spec != "auto":
         mdl = resolve_model(spec)
         if mdl.kind == "markers":
-            genes = markers.align_markers(mdl, st.feature_names, source=str(st.source.get("path", st.path)))
+            genes = markers.align_markers(mdl, st.feature_names, source=str(st.source.get("path", st.path)), organs=settings.organs)
             return MarkerPlan(model=mdl, genes=genes, choice={"requested": spec})
         mdl, al, choice = mdl, align_to_model(st, mdl), {"requested": spec}
     else:
@@ -461,7 +461,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
             run_warnings = [*run_warnings, (
                 f"{mdl.name}: {rejected.mean():.0%} of the cells are Unassigned (unlike the reference). Either the sample "
                 "holds cell types this reference lacks (another tissue), or it was made with another technology than the "
-                "reference, which this test cannot tell apart; in the second case rerun with --reject none and read "
+                "reference in a way that also looks like foreign programs; in the second case rerun with --reject none and read "
                 "final_level_softmax_prob (see docs/confidence.md)")]
             log("warning: " + run_warnings[-1])
     else:

@@ -10,7 +10,9 @@ holds, see its README) and writes one row per (cell type, gene, organ)::
 
 Rules (the whole of the curation; nothing is hand-edited per cell type):
 - the cell type of a row is its last ``CT/n`` whose id is a Cell Ontology id known to the
-  Cell Ontology release shipped in the package (rows ending in a temporary id are dropped);
+  Cell Ontology release shipped in the package (rows ending in a temporary id are dropped),
+  except that a chain term which is a CL ancestor of the term before it qualifies that term
+  (see :func:`row_type`);
 - positive markers: the row's ``BGene/n`` genes. Tables often write a gene by its product's
   name ("Glucagon", "Chromogranin A", "CD20"); each entry's HGNC id is resolved to the symbol
   the tables themselves give for that id (the most frequent symbol-like ``LABEL``, else the
@@ -61,6 +63,43 @@ MOUSE_RENAMES: dict[str, tuple[str, ...]] = {
     "KLRD1": ("Klrd1",),
     "NCAM1": ("Ncam1",),
     "CSF3R": ("Csf3r",),
+    # LYZ -> Lyz1/Lyz2 is the ortholog pair but is left out (so LYZ is lost, as it was): mouse Lyz2 is as high
+    # in neutrophils as in monocytes and Lyz1 is the Paneth cell gene, so the human monocyte marker misleads
+    # (measured: Zilionis neutrophils 0.955 -> 0.575, ACTINN monocytes 0.49 -> 0.20 with it)
+    # one-to-one (or one-to-few) orthologs whose mouse symbol is not the human one up to case; older and
+    # newer MGI symbols both listed where MGI renamed the gene (the vocabulary keeps the one a data set uses)
+    "CA2": ("Car2", "Ca2"),
+    "CA4": ("Car4", "Ca4"),
+    "CA7": ("Car7", "Ca7"),
+    "CD8B": ("Cd8b1",),
+    "FCGR1A": ("Fcgr1",),
+    "FCER2": ("Fcer2a",),
+    "TCL1A": ("Tcl1",),
+    "CD24": ("Cd24a",),
+    "IL4R": ("Il4ra",),
+    "CD1D": ("Cd1d1", "Cd1d2"),
+    "CCL21": ("Ccl21a",),
+    "HBB": ("Hbb-bs", "Hbb-bt"),
+    "HBA1": ("Hba-a1", "Hba-a2"),
+    "HBA2": ("Hba-a1", "Hba-a2"),
+    "REN": ("Ren1",),
+    "SELENOP": ("Selenop", "Sepp1"),
+    "CCN1": ("Ccn1", "Cyr61"),
+    "CCN4": ("Ccn4", "Wisp1"),
+    "CAVIN2": ("Cavin2", "Sdpr"),
+    "TENT5A": ("Tent5a", "Fam46a"),
+}
+
+# gene names some tables write with no HGNC id and no symbol (a protein name, an old symbol, a typo)
+# -> the HGNC symbol; ambiguous ones ("CD3", "S100", "P60") are left as they are (and match nothing)
+NAME_TO_SYMBOL: dict[str, str] = {
+    "NKP46": "NCR1",
+    "SYNAPTOPHYSIN": "SYP",
+    "LANGERIN": "CD207",
+    "SMOOTHELIN": "SMTN",
+    "MELANA": "MLANA",
+    "PLUNC": "BPIFA1",
+    "HAL-DQB1": "HLA-DQB1",
 }
 
 
@@ -75,6 +114,21 @@ def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
         if r and r[0].strip() == "AS/1":
             return r, rows[i + 1:]
     return [], []
+
+
+def row_type(ids: list[str], cl: dict) -> str:
+    """The cell type a row's markers describe: its chain's last CL term, except that a term
+    which is a Cell Ontology ancestor of the term before it is a qualifier, not a subtype
+    (pancreas: "pancreatic ductal cell > epithelial cell of exocrine pancreas: KRT19" describes
+    ductal cells, not every exocrine epithelial cell). ``ids[-1]`` is a known CL id."""
+    cur = ids[-1]
+    valid = [t for t in ids if t in cl and not cl[t]["label"].startswith("obsolete")]
+    if valid:
+        cur = valid[0]
+        for t in valid[1:]:
+            if t != cur and t not in cl[cur]["ancestors"]:
+                cur = t
+    return cur
 
 
 def main(argv=None) -> int:
@@ -132,13 +186,14 @@ def main(argv=None) -> int:
             ids = [r[col[c]].strip() for c in ct_ids if r[col[c]].strip()]
             if not ids:
                 continue
-            term = ids[-1]
-            if not CL_PATTERN.match(term) or term not in cl or cl[term]["label"].startswith("obsolete"):
-                dropped_ct.add(term)
+            if not CL_PATTERN.match(ids[-1]) or ids[-1] not in cl or cl[ids[-1]]["label"].startswith("obsolete"):
+                dropped_ct.add(ids[-1])
                 continue
+            term = row_type(ids, cl)
             for c in genes:
                 gid = r[col[f"{c}/ID"]].strip() if f"{c}/ID" in col else ""
                 sym = hgnc.get(gid) or r[col[c]].strip().upper()
+                sym = NAME_TO_SYMBOL.get(sym.upper(), sym)
                 if sym and SYMBOL.match(sym):
                     pos[(term, sym.upper())].add(organ)
             for c in prots:
@@ -171,6 +226,10 @@ def main(argv=None) -> int:
         human_genes = {r[2] for r in rows_out}
         report.update(human_genes=len(human_genes), mouse_genes_kept=len(human_genes - lost), genes_lost=len(lost),
                       lost_examples=sorted(lost)[:40], checked_against=a.mouse_genes)
+        merged: dict[tuple, set[str]] = {}  # two human genes with one mouse ortholog (HBA1, HBA2 -> Hba-a1): one row
+        for name, term, m, sign, organs in mapped:
+            merged.setdefault((name, term, m, sign), set()).update(organs.split(";"))
+        mapped = [(*k, ";".join(sorted(v))) for k, v in merged.items()]
         pos_types = {r[1] for r in mapped if r[3] == "+"}
         rows_out = [r for r in mapped if r[1] in pos_types]  # a type needs a positive marker left
         report["rows"] = len(rows_out)

@@ -145,3 +145,84 @@ def test_default_run_leaves_out_a_marker_model_that_cannot_judge_the_matrix(tmp_
     assert any("default model pan_human_v1 left out" in m for m in logs)
     with pytest.raises(GeneOverlapError):  # named explicitly, it is an error
         pipeline.run("t2", path, models=["pan_human_v1"], output_dir=tmp_path / "out", settings=resolve(), log=lambda m: None)
+
+
+BASTIDAS = ("data", "mouse_tissue", "bastidas_mouse_pancreas_e15_739cells.h5ad")
+
+
+def test_asctb_chain_term_that_is_an_ancestor_qualifies_the_type_before_it():
+    """ASCT+B pancreas: "pancreatic ductal cell > epithelial cell of exocrine pancreas: KRT19"
+    describes ductal cells (the second term is a CL ancestor of the first); a chain that goes on
+    to a term that is not an ancestor names a new type (centro-acinar cell, EC cell)."""
+    import importlib.util
+
+    from dask_annot.ontology import cell_ontology
+
+    from .conftest import HERE
+
+    spec = importlib.util.spec_from_file_location("asctb_markers", HERE.parent / "scripts" / "asctb_markers.py")
+    asctb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(asctb)
+    cl = cell_ontology()
+    assert asctb.row_type(["CL:0002079", "CL:1001433"], cl) == "CL:0002079"
+    assert asctb.row_type(["CL:0002079", "CL:0002080"], cl) == "CL:0002080"
+    assert asctb.row_type(["CL:0002079", "CL:0000577"], cl) == "CL:0000577"
+    assert asctb.row_type(["CL:0000084"], cl) == "CL:0000084"
+    # the built-in models carry it: KRT19 is a ductal marker; "epithelial cell of exocrine pancreas" is no type of its own
+    for name, krt19 in (("pan_human_v1", "KRT19"), ("pan_mouse_v1", "Krt19")):
+        m = resolve_model(name)
+        duct = m.labels.index("pancreatic ductal cell")
+        assert krt19 in {m.genes[g] for t, g in zip(m.type_idx, m.gene_idx) if t == duct}, name
+        assert "epithelial cell of exocrine pancreas" not in m.labels
+
+
+def test_organ_restriction_on_real_pancreas(tmp_path):
+    """--organ pancreas: only the pancreas table's types are candidates (without it, E15.5
+    endocrine cells of Bastidas et al. are partly called Merkel cells, a skin type)."""
+    m = resolve_model("pan_mouse_v1")
+    organs = m.meta["type_organs"]
+    path = shared_path(*BASTIDAS)
+    runs = {}
+    for key, org in (("all", None), ("pancreas", "pancreas")):
+        res = pipeline.run(key, path, models=["pan_mouse_v1"], output_dir=tmp_path / key, settings=resolve(organs=org),
+                           log=lambda msg: None)[0]
+        ct = pd.read_csv(res.model_dir / "cell_types.csv", keep_default_na=False)
+        runs[key] = (ct, res.record)
+    fine_all = set(runs["all"][0]["fine_cell_type"]) & set(m.labels)
+    fine_pan = set(runs["pancreas"][0]["fine_cell_type"]) & set(m.labels)
+    assert any("pancreas" not in organs[t] for t in fine_all)
+    assert fine_pan and all("pancreas" in organs[t] for t in fine_pan)
+    rec = runs["pancreas"][1]["gene_overlap"]
+    assert rec["organs"] == ["pancreas"] and 0 < rec["cell_types_scorable"] <= rec["cell_types_of_organs"] < len(m.labels)
+    assert "organs" not in runs["all"][1]["gene_overlap"]
+
+
+def test_unknown_organ_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    from dask_annot.errors import ConfigError
+
+    m = resolve_model("pan_mouse_v1")
+    with pytest.raises(ConfigError, match="not an organ of model 'pan_mouse_v1'; choose from .*pancreas"):
+        markers.organ_candidates(m, ["pancreas", "brain"])
+    assert markers.organ_candidates(m, []).all() and resolve(organs="Pancreas, lung").organs == ("pancreas", "lung")
+    p = subprocess.run([sys.executable, "-m", "dask_annot", "annotate", "--id", "x", "--matrix", str(shared_path(*BASTIDAS)),
+                        "--cell-annotation-model", "pan_mouse_v1", "--organ", "pancreaz", "--output-dir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and "pancreaz" in p.stderr and "choose from" in p.stderr
+    assert not (tmp_path / "x" / "outs").exists() or not any((tmp_path / "x" / "outs").rglob("cell_types.csv"))
+
+
+def test_gene_names_resolved_and_mouse_orthologs_renamed():
+    """Names a table writes with no HGNC id ("NKP46") resolve to the symbol (NCR1); mouse orthologs
+    with another symbol are renamed (FCER2 -> Fcer2a, CD8B -> Cd8b1); LYZ stays unmapped in mouse."""
+
+    def markers_of(model, label):
+        t = model.labels.index(label)
+        return {model.genes[g] for ti, g in zip(model.type_idx, model.gene_idx) if ti == t}
+
+    human, mouse = resolve_model("pan_human_v1"), resolve_model("pan_mouse_v1")
+    assert "NCR1" in markers_of(human, "natural killer cell") and "NKP46" not in set(human.genes)
+    assert "Ncr1" in markers_of(mouse, "natural killer cell") and "Fcer2a" in markers_of(mouse, "naive B cell")
+    assert "Cd8b1" in set(mouse.genes) and not {"Lyz1", "Lyz2"} & set(mouse.genes)
