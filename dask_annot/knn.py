@@ -310,7 +310,16 @@ def build_ann_index(embedding: np.ndarray, *, seed: int, n_neighbors: int = 30):
 # --------------------------------------------------------------------------------------
 SHARD_DIR = "shards"
 IVF_CENTROIDS = f"{SHARD_DIR}/ivf_centroids.npy"
-DEFAULT_PROBES = 48  # recall@500 0.998 vs 0.973 at 24 (200k simulated reference, 2,000 queries: benchmarks/results/atlas_probes.json)
+DEFAULT_PROBES = 48  # recall@500 0.998 vs 0.973 at 24 (200k simulated reference, 200 lists, 2,000 queries: benchmarks/results/atlas_probes.json)
+
+
+def default_probes(n_lists: int) -> int:
+    """Lists probed per query: at least :data:`DEFAULT_PROBES`, and a tenth of the lists.
+    Measured (simulated PBMC, k=500, lists of ~1,000 cells): 200 lists, 48 probes: recall@500
+    0.998; 1,000 lists: 48 probes 0.965, 64 0.983, 96 0.995, 128 0.998 (benchmarks/results/atlas.md),
+    at about the same CPU (the per-query costs that do not grow with probes dominate there).
+    Beyond 1,000 lists the tenth is an extrapolation; ``--ivf-probes`` sets it."""
+    return int(min(n_lists, max(DEFAULT_PROBES, round(n_lists / 10))))
 _KMEANS_SAMPLE = 100_000
 _KMEANS_ITER = 12
 
@@ -456,7 +465,7 @@ def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | Non
             offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=cent.shape[0]))]).astype(np.int64)
             files[shard_file("members", i)] = saver(members)
             files[shard_file("offsets", i)] = saver(offsets)
-        meta["ivf"] = {"n_lists": int(cent.shape[0]), "probes": DEFAULT_PROBES, "seed": seed,
+        meta["ivf"] = {"n_lists": int(cent.shape[0]), "probes": default_probes(int(cent.shape[0])), "seed": seed,
                        "kmeans": f"spherical, {_KMEANS_ITER} iterations on <= {_KMEANS_SAMPLE} evenly spaced cells"}
     return files, meta
 

@@ -254,6 +254,12 @@ def read_barcodes(path: str, start: int, stop: int) -> np.ndarray:
     return np.asarray(root["obs/barcode"][start:stop], dtype=object)
 
 
+def read_umi(path: str, start: int, stop: int) -> np.ndarray:
+    """UMI totals of cells ``start:stop`` of a store (read by the task, not carried by the graph)."""
+    root = zarr.open_group(path, mode="r", zarr_format=3)
+    return np.asarray(root["obs/umi_count"][start:stop])
+
+
 def cell_chunks(n_cells: int, chunk_cells: int) -> tuple[int, ...]:
     """Chunk sizes along cells for a given chunk length (the last one may be shorter)."""
     if chunk_cells <= 0:
