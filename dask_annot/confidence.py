@@ -328,14 +328,7 @@ def reference_thresholds(counts: sp.csr_matrix, depth: np.ndarray, graph: np.nda
     """Per label: the :data:`QUANTILE` quantile of the reference cells' pooled foreign load
     over the candidate genes ``genes`` (bool), never below the reference-wide quantile."""
     load = np.asarray(counts[:, np.flatnonzero(genes)].sum(axis=1), dtype=np.float64).ravel()
-    pooled = pooled_load(load, depth, graph)
-    overall = float(np.quantile(pooled, QUANTILE)) if pooled.size else 0.0
-    out = np.full(n_labels, overall)
-    for i in range(n_labels):
-        vals = pooled[label_codes == i]
-        if vals.size:
-            out[i] = max(float(np.quantile(vals, QUANTILE)), overall)
-    return out
+    return label_quantiles(pooled_load(load, depth, graph), label_codes, n_labels)
 
 
 # ----------------------------------------------------------------------------- annotate time
