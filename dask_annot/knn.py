@@ -12,7 +12,6 @@ found) and ``dist`` (float32, ``inf`` there), sorted by (distance, index).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from collections.abc import Sequence
@@ -380,14 +379,13 @@ def _load_checked(path: str, digest: str) -> np.ndarray:
     """A shard file, memory-mapped, after checking its sha256 against the reference's record:
     shard files are checked here, by the process that maps them, not when the reference is
     loaded (a worker holding one shard never reads the others)."""
-    h = hashlib.sha256()
+    from .store import file_fingerprint
+
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        found = file_fingerprint(path)["sha256"]
     except OSError as exc:
         raise ReferenceArtifactError(f"{path}: cannot be read ({exc}); the reference is damaged, rebuild it") from exc
-    if h.hexdigest() != digest:
+    if found != digest:
         raise ReferenceArtifactError(f"{path}: its checksum differs from reference.json; the reference is damaged, rebuild it")
     return np.load(path, mmap_mode="r")
 
@@ -461,8 +459,7 @@ def shard_writers(embedding: np.ndarray, *, shard_cells: int, n_lists: int | Non
         files[IVF_CENTROIDS] = saver(cent)
         for i, (lo, hi) in enumerate(bounds):
             a = assign[lo:hi]
-            members = np.argsort(a, kind="stable").astype(np.int32)  # by list, then ascending index
-            offsets = np.concatenate([[0], np.cumsum(np.bincount(a, minlength=cent.shape[0]))]).astype(np.int64)
+            members, offsets = _list_members(a, cent.shape[0])
             files[shard_file("members", i)] = saver(members)
             files[shard_file("offsets", i)] = saver(offsets)
         meta["ivf"] = {"n_lists": int(cent.shape[0]), "probes": default_probes(int(cent.shape[0])), "seed": seed,
@@ -767,10 +764,14 @@ def _ivf_tile(qs64: np.ndarray, pr: np.ndarray, members, offsets, ref32, ref64, 
 def inverted_lists(unit: np.ndarray, n_lists: int, *, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centroids (spherical k-means), members (rows in list order) and offsets of ``unit`` rows."""
     cent = spherical_kmeans(unit, n_lists, seed=seed)
-    assign = _assign(unit, cent)
+    return (cent, *_list_members(_assign(unit, cent), cent.shape[0]))
+
+
+def _list_members(assign: np.ndarray, n_lists: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows in list order (by list, then ascending index) and each list's offsets in it."""
     members = np.argsort(assign, kind="stable").astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=cent.shape[0]))]).astype(np.int64)
-    return cent, members, offsets
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=n_lists))]).astype(np.int64)
+    return members, offsets
 
 
 SELF_PROBES = 8
