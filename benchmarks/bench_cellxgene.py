@@ -71,8 +71,8 @@ def split_into_cellxgene_files(sim: Path, labels_csv: Path, n_files: int, out: P
         h5.read_cells(info, a, b), truth[a:b], [str(x) for x in info.barcodes[a:b]]))
 
 
-def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_files: int, out: Path) -> list[Path]:
-    """``n_cells`` cells made by repeating a real labelled h5ad's cells (each copy its own barcode)."""
+def _source_cells(source: Path, label_column: str):
+    """A real labelled h5ad's matrix info, all its counts, and its labels as CL ids."""
     import anndata as ad
 
     sys.path.insert(0, str(ROOT))
@@ -80,7 +80,13 @@ def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_f
 
     info = h5.open_matrix(source)
     X = h5.read_cells(info, 0, info.n_cells)
-    labels = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+    own = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+    return info, X, own
+
+
+def tile_into_cellxgene_files(source: Path, label_column: str, n_cells: int, n_files: int, out: Path) -> list[Path]:
+    """``n_cells`` cells made by repeating a real labelled h5ad's cells (each copy its own barcode)."""
+    info, X, labels = _source_cells(source, label_column)
 
     def part(a, b):
         rows = np.arange(a, b) % info.n_cells
@@ -191,12 +197,7 @@ def write_relabelled_reference(source: Path, label_column: str, n_cells: int, n_
 
     if out.exists():
         return out
-    sys.path.insert(0, str(ROOT))
-    from dask_annot import h5
-
-    info = h5.open_matrix(source)
-    X = h5.read_cells(info, 0, info.n_cells)
-    own = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+    info, X, own = _source_cells(source, label_column)
     rows = np.arange(n_cells) % info.n_cells
     rng = np.random.default_rng(seed)
     if n_labels:
@@ -367,12 +368,7 @@ def write_soma_census(source: Path, label_column: str, n_cells: int, n_datasets:
 
     if (uri / "census_data").exists():
         return uri
-    sys.path.insert(0, str(ROOT))
-    from dask_annot import h5
-
-    info = h5.open_matrix(source)
-    X = h5.read_cells(info, 0, info.n_cells)
-    own = ad.read_h5ad(source, backed="r").obs[label_column].astype(str).map(_cl_map()).to_numpy()
+    info, X, own = _source_cells(source, label_column)
     rows = np.arange(n_cells) % info.n_cells
     datasets = np.array([f"dataset-{i:03d}" for i in range(n_datasets)], dtype=object)[np.random.default_rng(0).integers(0, n_datasets, n_cells)]
     obs = pd.DataFrame({"cell_type_ontology_term_id": own[rows].astype(str), "dataset_id": datasets.astype(str),
