@@ -11,9 +11,14 @@ batch, so their votes are evidence too. Label spreading (Zhou et al. 2004,
 1. the query's own embedding: counts scaled to 10,000 per cell and log1p (as for
    the reference), the :data:`N_HVG` most dispersed genes of the query (the
    ``build-reference`` rule), z-scored with the query's own mean and standard
-   deviation (clipped at 10), the top :data:`N_PCS` principal components;
+   deviation (clipped at 10), the top :data:`N_PCS` principal components (above
+   :data:`BASIS_CELLS` cells, genes, mean, deviation and components come from an
+   evenly spaced sample of about that many cells; every cell is projected);
 2. the :data:`GRAPH_K` nearest other query cells of each cell, Euclidean, in that
-   embedding (exact up to :data:`EXACT_MAX_CELLS` cells, pynndescent above);
+   embedding: exact up to :data:`EXACT_MAX_CELLS` cells; above, searched within
+   inverted lists (a two-level k-means puts the cells in lists of about
+   :data:`LIST_CELLS`; a cell's candidates are the cells of the :data:`NEAR_LISTS`
+   lists whose centroids are nearest its list's, its own included);
 3. ``p0`` = each cell's vote scores (class-balanced neighbour counts) scaled to
    sum to 1; ``p <- (1 - ALPHA) * p0 + ALPHA * mean of p over the cell's
    neighbours``, :data:`ITERATIONS` times; the label is the largest ``p``.
@@ -36,6 +41,7 @@ from dask.delayed import Delayed
 
 from . import store
 from .build import pca_loadings, select_hvg
+from .project import projection_terms, sparse_projection
 from .normalize import clipped_zscore, gene_moments, log_normalize_block, mean_var
 
 BLOCK_CELLS = 16_384
@@ -46,26 +52,46 @@ GRAPH_K = 15
 ALPHA = 0.8
 ITERATIONS = 10
 EXACT_MAX_CELLS = 50_000
+LIST_CELLS = 200
+NEAR_LISTS = 8
+COARSE_LISTS = 64
+KMEANS_ITER = 10
+_GRAPH_TILE_CELLS = 50_000
+BASIS_CELLS = 100_000
 _TILE = 256
 
 
 def parameters() -> dict:
     return {"method": "label spreading on the query's own kNN graph", "hvg": N_HVG, "pcs": N_PCS, "graph_k": GRAPH_K,
-            "alpha": ALPHA, "iterations": ITERATIONS, "block_cells": BLOCK_CELLS}
+            "alpha": ALPHA, "iterations": ITERATIONS, "block_cells": BLOCK_CELLS, "basis_cells": BASIS_CELLS}
 
 
 def _blocks(n: int) -> list[tuple[int, int]]:
     return [(s, min(s + BLOCK_CELLS, n)) for s in range(0, n, BLOCK_CELLS)]
 
 
-def _logn(path: str, start: int, stop: int, n_features: int, umi: np.ndarray | None):
+def _sample_rows(start: int, stop: int, step: int) -> np.ndarray:
+    """Rows (relative to ``start``) of the cells ``start:stop`` whose index is a multiple of ``step``."""
+    return np.arange(-(-start // step) * step, stop, step) - start
+
+
+def _logn(path: str, start: int, stop: int, n_features: int, umi: np.ndarray | None, step: int = 1,
+          cols: np.ndarray | None = None):
+    """Log-normalised cells ``start:stop`` (every ``step``-th cell by index; only the columns
+    ``cols`` if given: each cell is still scaled by its whole UMI total)."""
     if umi is None:  # read by the task itself: 8 bytes a cell in each of three passes made 29 MB graphs at 1.2M cells
         umi = store.read_umi(path, start, stop)
-    return log_normalize_block(store.read_block(path, start, stop, n_features), umi, 1e4)
+    block = store.read_block(path, start, stop, n_features)
+    if step > 1:
+        rows = _sample_rows(start, stop, step)
+        block, umi = block[rows], np.asarray(umi)[rows]
+    if cols is not None:
+        block = block[:, cols]
+    return log_normalize_block(block, umi, 1e4)
 
 
-def _stats_block(path, start, stop, n_features, umi):
-    return gene_moments(_logn(path, start, stop, n_features, umi))
+def _stats_block(path, start, stop, n_features, umi, step=1):
+    return gene_moments(_logn(path, start, stop, n_features, umi, step))
 
 
 def _genes(stats: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
@@ -83,15 +109,15 @@ def _genes(stats: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     return hvg, mean_all[hvg], std
 
 
-def _z(path, start, stop, n_features, umi, genes) -> np.ndarray:
+def _z(path, start, stop, n_features, umi, genes, step=1) -> np.ndarray:
     hvg, mean, std = genes
-    return clipped_zscore(_logn(path, start, stop, n_features, umi)[:, hvg].toarray(), mean, std, CLIP)
+    return clipped_zscore(_logn(path, start, stop, n_features, umi, step, hvg).toarray(), mean, std, CLIP)
 
 
-def _gram_block(path, start, stop, n_features, umi, genes):
+def _gram_block(path, start, stop, n_features, umi, genes, step=1):
     if genes is None:
         return None
-    z = _z(path, start, stop, n_features, umi, genes)
+    z = _z(path, start, stop, n_features, umi, genes, step)
     return z.T @ z, z.sum(axis=0)
 
 
@@ -108,43 +134,56 @@ def _basis(grams: list, n: int):
 def _project_block(path, start, stop, n_features, umi, genes, basis):
     if basis is None:
         return None
+    hvg, mean, std = genes
     centre, loadings = basis
-    return (_z(path, start, stop, n_features, umi, genes) - centre) @ loadings
+    logn = _logn(path, start, stop, n_features, umi, 1, hvg)  # sparse: no dense z-matrix of every cell
+    return sparse_projection(logn, projection_terms(loadings, mean, std), mean, std, CLIP) - centre @ loadings
 
 
 def _concat(parts: list) -> np.ndarray | None:
     return None if parts[0] is None else np.concatenate(parts, axis=0)
 
 
+def basis_step(n: int) -> int:
+    """Every how many cells the variable genes and the PCA basis are computed from: all cells
+    up to :data:`BASIS_CELLS`, an evenly spaced sample of about that many above (the
+    projection always covers every cell)."""
+    return max(1, -(-n // BASIS_CELLS))
+
+
 def query_embedding(st: store.StoreInfo) -> Delayed:
     """Lazy: the query's own PCA coordinates (cells x PCs, float64), or None when it has
     no variable genes. Three passes over the store in :data:`BLOCK_CELLS`-cell tasks:
-    gene moments, the Gram matrix of the z-scored variable genes, the projection."""
+    gene moments and the Gram matrix of the z-scored variable genes (over every
+    :func:`basis_step`-th cell), then the projection of every cell."""
     n, G, path = st.n_cells, st.n_features, st.path
     blocks = _blocks(n)
-    stats = [dask.delayed(_stats_block, pure=True)(path, a, b, G, None) for a, b in blocks]
-    genes = dask.delayed(_genes, pure=True)(stats, n)
-    grams = [dask.delayed(_gram_block, pure=True)(path, a, b, G, None, genes) for a, b in blocks]
-    basis = dask.delayed(_basis, pure=True)(grams, n)
+    step = basis_step(n)
+    n_basis = len(range(0, n, step))
+    stats = [dask.delayed(_stats_block, pure=True)(path, a, b, G, None, step) for a, b in blocks]
+    genes = dask.delayed(_genes, pure=True)(stats, n_basis)
+    grams = [dask.delayed(_gram_block, pure=True)(path, a, b, G, None, genes, step) for a, b in blocks]
+    basis = dask.delayed(_basis, pure=True)(grams, n_basis)
     parts = [dask.delayed(_project_block, pure=True)(path, a, b, G, None, genes, basis) for a, b in blocks]
     return dask.delayed(_concat, pure=True)(parts)
 
 
 @numba.njit(cache=True, nogil=True)
-def _select_tile(d2, row0, k, out_idx):  # pragma: no cover - compiled
-    """Per row of ``d2`` (rows ``row0..``), the ``k`` smallest other columns; ties to the lower column."""
+def _select_ids(d2, row_ids, col_ids, k, out_idx):  # pragma: no cover - compiled
+    """Per row of ``d2``, the ids of its ``k`` smallest columns other than its own id; ties to
+    the earlier column (``col_ids`` ascending: to the lower id)."""
     t, n = d2.shape
     bd = np.empty(k, dtype=np.float64)
     bi = np.empty(k, dtype=np.int64)
     for r in range(t):
-        i = row0 + r
+        i = row_ids[r]
         for q in range(k):
             bd[q] = np.inf
             bi[q] = -1
         worst = np.inf
         filled = 0
         for j in range(n):
-            if j == i:
+            if col_ids[j] == i:
                 continue
             d = d2[r, j]
             if filled < k or d < worst:
@@ -154,7 +193,7 @@ def _select_tile(d2, row0, k, out_idx):  # pragma: no cover - compiled
                     bi[p] = bi[p - 1]
                     p -= 1
                 bd[p] = d
-                bi[p] = j
+                bi[p] = col_ids[j]
                 if filled < k:
                     filled += 1
                 worst = bd[k - 1]
@@ -168,22 +207,107 @@ def _exact_tile(y: np.ndarray | None, start: int, stop: int, k: int) -> np.ndarr
     sq = np.einsum("ij,ij->i", y, y)
     d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (y[start:stop] @ y.T)
     out = np.full((stop - start, k), -1, dtype=np.int64)
-    _select_tile(d2, start, k, out)
+    _select_ids(d2, np.arange(start, stop), np.arange(y.shape[0]), k, out)
     return out
 
 
-def _ann_graph(y: np.ndarray | None, k: int) -> np.ndarray | None:
+def _kmeans(x: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    """Centroids of a Euclidean k-means (Lloyd, :data:`KMEANS_ITER` rounds, seeded start;
+    an empty cluster keeps its centroid)."""
+    n_clusters = max(1, min(n_clusters, x.shape[0]))
+    cent = x[np.sort(np.random.default_rng(seed).choice(x.shape[0], n_clusters, replace=False))].copy()
+    for _ in range(KMEANS_ITER):
+        lab = _nearest(x, cent)
+        sums = np.zeros_like(cent)
+        np.add.at(sums, lab, x)
+        size = np.bincount(lab, minlength=n_clusters)
+        cent = np.where(size[:, None] > 0, sums / np.maximum(size, 1)[:, None], cent)
+    return cent
+
+
+def _nearest(x: np.ndarray, cent: np.ndarray, block: int = 65_536) -> np.ndarray:
+    """Each row's nearest centroid (Euclidean; ties to the lowest index)."""
+    out = np.empty(x.shape[0], np.int64)
+    norms = np.einsum("ij,ij->i", cent, cent)
+    for lo in range(0, x.shape[0], block):
+        out[lo : lo + block] = np.argmin(norms[None, :] - 2.0 * (x[lo : lo + block] @ cent.T), axis=1)
+    return out
+
+
+def _partition(y: np.ndarray | None) -> tuple | None:
+    """The query's cells in lists of about :data:`LIST_CELLS` (two-level k-means:
+    :data:`COARSE_LISTS` clusters, each split into lists), as (cells in list order, list
+    offsets, each list's :data:`NEAR_LISTS` nearest lists by centroid, itself first)."""
     if y is None:
         return None
-    import pynndescent
+    from threadpoolctl import threadpool_limits
 
     n = y.shape[0]
-    index = pynndescent.NNDescent(y.astype(np.float32), n_neighbors=k + 1, metric="euclidean", random_state=0, low_memory=True)
-    idx, _ = index.neighbor_graph
-    out = np.full((n, k), -1, dtype=np.int64)
-    for i in range(n):  # drop the cell itself (not always first when cells coincide)
-        row = idx[i][(idx[i] != i) & (idx[i] >= 0)][:k]
-        out[i, : row.size] = row
+    with threadpool_limits(limits=1, user_api="blas"):  # the same sums whatever the machine's thread count
+        coarse = _nearest(y, _kmeans(y[:: max(1, n // 50_000)], COARSE_LISTS, seed=0))
+        lists = np.empty(n, np.int64)
+        n_lists = 0
+        for c in range(COARSE_LISTS):
+            rows = np.flatnonzero(coarse == c)
+            if rows.size == 0:
+                continue
+            fine = max(1, int(round(rows.size / LIST_CELLS)))
+            lists[rows] = n_lists + _nearest(y[rows], _kmeans(y[rows[:: max(1, rows.size // 20_000)]], fine, seed=c + 1))
+            n_lists += fine
+        order = np.argsort(lists, kind="stable")
+        size = np.bincount(lists, minlength=n_lists)
+        offsets = np.concatenate([[0], np.cumsum(size)])
+        cent = np.zeros((n_lists, y.shape[1]))
+        np.add.at(cent, lists, y)
+        cent /= np.maximum(size, 1)[:, None]
+        norms = np.einsum("ij,ij->i", cent, cent)
+        near = min(NEAR_LISTS, n_lists)
+        adj = np.empty((n_lists, near), np.int64)
+        for lo in range(0, n_lists, 1024):
+            hi = min(lo + 1024, n_lists)
+            d = norms[lo:hi, None] + norms[None, :] - 2.0 * (cent[lo:hi] @ cent.T)
+            d[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf  # each list searches itself
+            d[:, size == 0] = np.inf
+            pick = np.argpartition(d, near - 1, axis=1)[:, :near]
+            adj[lo:hi] = np.take_along_axis(pick, np.argsort(np.take_along_axis(d, pick, axis=1), axis=1, kind="stable"), axis=1)
+    return order, offsets, adj
+
+
+def _list_tile(y: np.ndarray | None, part: tuple | None, tile: int, n_tiles: int, k: int) -> tuple | None:
+    """Each cell of the ``tile``-th of ``n_tiles`` equal runs of lists: its ``k`` nearest other
+    cells among the cells of its list's nearest lists (float64, ties to the lower index), as
+    (cells, neighbours). Each list is searched alone, so the tiling changes nothing."""
+    if y is None:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    order, offsets, adj = part
+    n_lists = adj.shape[0]
+    rows_out, nbr_out = [], []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for lst in range(tile * n_lists // n_tiles, (tile + 1) * n_lists // n_tiles):
+            q = order[offsets[lst] : offsets[lst + 1]]
+            if q.size == 0:
+                continue
+            cand = np.sort(np.concatenate([order[offsets[m] : offsets[m + 1]] for m in adj[lst]]))
+            yq, yc = y[q], y[cand]
+            sq = np.einsum("ij,ij->i", yc, yc)
+            d2 = np.einsum("ij,ij->i", yq, yq)[:, None] + sq[None, :] - 2.0 * (yq @ yc.T)
+            out = np.full((q.size, k), -1, dtype=np.int64)
+            _select_ids(d2, q, cand, k, out)
+            rows_out.append(q)
+            nbr_out.append(out)
+    if not rows_out:
+        return np.empty(0, np.int64), np.empty((0, k), np.int64)
+    return np.concatenate(rows_out), np.concatenate(nbr_out)
+
+
+def _list_graph(y: np.ndarray | None, tiles: list, k: int) -> np.ndarray | None:
+    if y is None:
+        return None
+    out = np.full((y.shape[0], k), -1, dtype=np.int64)
+    for rows, nbr in tiles:
+        out[rows] = nbr
     return out
 
 
@@ -197,8 +321,12 @@ def _graph_result(y: np.ndarray | None, parts: list, how: str) -> dict:
 def graph_of(y, n: int, k: int = GRAPH_K) -> Delayed:
     """Lazy: each of ``n`` cells' ``k`` nearest other cells in the embedding ``y`` (an array,
     or a Delayed of one or of None), as ``{"nbr": int64 n x k (-1 where fewer), "how": text,
-    "pcs": int}``; ``nbr`` is None when ``y`` is. Euclidean; exact up to
-    :data:`EXACT_MAX_CELLS` cells (ties to the lower index), pynndescent (seeded) above."""
+    "pcs": int}``; ``nbr`` is None when ``y`` is. Euclidean, ties to the lower index; exact up
+    to :data:`EXACT_MAX_CELLS` cells, within inverted lists above (:func:`_partition`).
+
+    Why lists and not pynndescent (used until stop 19): at 1.2M cells pynndescent cost 25 s
+    of compilation in every new process and 74 CPU s of search, one task; the lists cost
+    about 30 CPU s in parallel tasks (benchmarks/bench_query_graph.py)."""
     k_eff = min(k, n - 1)
     if k_eff < 1:
         return dask.delayed({"nbr": np.full((n, max(k, 1)), -1, dtype=np.int64), "how": "none (one cell)", "pcs": 0})
@@ -206,8 +334,11 @@ def graph_of(y, n: int, k: int = GRAPH_K) -> Delayed:
     if n <= EXACT_MAX_CELLS:
         tiles = [dask.delayed(_exact_tile, pure=True)(y, s, min(s + _TILE, n), k_eff) for s in range(0, n, _TILE)]
         return dask.delayed(_graph_result, pure=True)(y, tiles, "exact")
-    g = dask.delayed(_ann_graph, pure=True)(y, k_eff)
-    return dask.delayed(_graph_result, pure=True)(y, [g], "ann (pynndescent, random_state 0)")
+    part = dask.delayed(_partition, pure=True)(y)
+    n_tiles = max(1, n // _GRAPH_TILE_CELLS)
+    tiles = [dask.delayed(_list_tile, pure=True)(y, part, t, n_tiles, k_eff) for t in range(n_tiles)]
+    g = dask.delayed(_list_graph, pure=True)(y, tiles, k_eff)
+    return dask.delayed(_graph_result, pure=True)(y, [g], f"inverted lists (about {LIST_CELLS} cells each, {NEAR_LISTS} nearest lists searched)")
 
 
 def query_graph(st: store.StoreInfo, k: int = GRAPH_K) -> Delayed:

@@ -63,17 +63,24 @@ def projection_terms(proj: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tup
     return proj / std[:, None], (mean / std) @ proj
 
 
-def _project_counts_block(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray], model) -> np.ndarray:
-    """(cells x genes) sparse log-normalized values -> (cells x PCs) float32, in float64."""
+def sparse_projection(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray], mean: np.ndarray, std: np.ndarray,
+                      clip: float) -> np.ndarray:
+    """``min((logn - mean) / std, clip) @ P`` (float64) of sparse log-normalized cells, from
+    ``terms`` = :func:`projection_terms` of ``P``: no dense z-matrix is formed."""
     scaled, offset = terms
     emb = np.asarray(logn @ scaled) - offset
-    z = (logn.data - model.mean[logn.indices]) / model.std[logn.indices]
-    over = np.flatnonzero(z > model.clip)
+    z = (logn.data - mean[logn.indices]) / std[logn.indices]
+    over = np.flatnonzero(z > clip)
     if over.size:
         rows = np.repeat(np.arange(logn.shape[0]), np.diff(logn.indptr))[over]
-        excess = (z[over] - model.clip)[:, None] * (scaled[logn.indices[over]] * model.std[logn.indices[over], None])
+        excess = (z[over] - clip)[:, None] * (scaled[logn.indices[over]] * std[logn.indices[over], None])
         np.subtract.at(emb, rows, excess)
-    return emb.astype(np.float32)
+    return emb
+
+
+def _project_counts_block(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray], model) -> np.ndarray:
+    """(cells x genes) sparse log-normalized values -> (cells x PCs) float32, in float64."""
+    return sparse_projection(logn, terms, model.mean, model.std, model.clip).astype(np.float32)
 
 
 def project_counts(logn: da.Array, terms, model, *, n_pcs: int) -> da.Array:
