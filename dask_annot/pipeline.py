@@ -421,10 +421,8 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []
-    # not optimised: the array optimisation fuses each collection's chain on its own, so every chunk
-    # was read and projected again for the 2-D plot and read again for the foreign-gene statistics
-    # (and it would fuse pinned shard searches, dropping the pinning); unfused, they share the tasks
-    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed(optimize_graph=False).ravel(), emb2.to_delayed(optimize_graph=False).ravel())):
+    # pinned shard searches keep their own tasks: the array optimisation would fuse them (and drop the pinning)
+    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed(optimize_graph=placement is None).ravel(), emb2.to_delayed().ravel())):
         path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
