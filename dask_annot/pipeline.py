@@ -97,6 +97,14 @@ def embedding(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cel
     return project.project_counts(logn, terms_d, model_d, n_pcs=mdl.n_pcs)
 
 
+def _materialised(emb: da.Array) -> da.Array:
+    """``emb`` with each chunk one task (its read, alignment, normalisation and projection
+    fused), so that several consumers share the chunk's small embedding, not its counts."""
+    blocks = emb.to_delayed().ravel()
+    return da.concatenate([da.from_delayed(b, shape=(size, emb.shape[1]), dtype=emb.dtype, meta=emb._meta)
+                           for b, size in zip(blocks, emb.chunks[0])], axis=0)
+
+
 def reference_pcs(record: dict, *, n_pcs: int = 2, client=None) -> np.ndarray:
     """The first ``n_pcs`` reference PCs of each cell of a finished run (float32, matrix order),
     recomputed from its zarr store and reference with :func:`embedding` (what the run used)."""
@@ -404,7 +412,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
     umi_all = st.umi_count
     model_d = dask.delayed(mdl, pure=True, traverse=False)
-    emb = embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d)
+    emb = _materialised(embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d))
     placement = None
     if mdl.shards and plan.method in ("exact", "ivf"):  # searched shard by shard, merged exactly
         placement = knn.shard_placement(_worker_addresses(active), len(mdl.shards))
@@ -421,8 +429,9 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []
-    # pinned shard searches keep their own tasks: the array optimisation would fuse them (and drop the pinning)
-    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed(optimize_graph=placement is None).ravel(), emb2.to_delayed().ravel())):
+    # not optimised again: the search and the 2-D plot share each chunk's embedding task (optimised
+    # separately, each re-read and re-projected the chunk), and pinned shard searches keep their pinning
+    for i, (blk, e2) in enumerate(zip(nbrs.to_delayed(optimize_graph=False).ravel(), emb2.to_delayed(optimize_graph=False).ravel())):
         path = str(ckpt / f"chunk_{bounds[i]:012d}_{bounds[i + 1]:012d}.npz")
         if i in done:
             parts.append(dask.delayed(_load_chunk, pure=True)(path))
