@@ -49,10 +49,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Literal
 
+import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
 from . import knn, vote
+from .normalize import check_cell_chunked
 from .outputs import DEPTH_BROAD, DEPTH_COARSE, DEPTH_FINE, DEPTH_NONE
 
 Reject = Literal["auto", "none"]
@@ -366,7 +368,7 @@ class Confidence:
                    n_labels=len(model.labels), calibration=sec["calibration"], same_coarse=coarse_matrix(model.levels), section=sec)
 
 
-def foreign_block_stats(block: sp.csr_matrix, genes: np.ndarray, measured: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
+def _stats_block(block: sp.csr_matrix, genes: np.ndarray, measured: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
     """One chunk: its cells' UMIs in ``genes`` where at least :data:`MIN_COUNT` (CSR), and their
     depth over the ``measured`` universe genes."""
     b = sp.csr_matrix(block)
@@ -374,6 +376,16 @@ def foreign_block_stats(block: sp.csr_matrix, genes: np.ndarray, measured: np.nd
     f.data = np.where(f.data >= MIN_COUNT, f.data, 0).astype(np.float32)
     f.eliminate_zeros()
     return f, np.asarray(b[:, measured].sum(axis=1), dtype=np.float64).ravel()
+
+
+def foreign_stats(x_aligned: da.Array, conf: Confidence) -> list:
+    """Lazy, one Delayed per chunk (see :func:`_stats_block`) of counts aligned to the universe:
+    the cells' foreign UMIs in the measured foreign genes, and their depth."""
+    import dask
+
+    check_cell_chunked(x_aligned, "confidence")
+    genes = conf.genes[conf.foreign]
+    return [dask.delayed(_stats_block, pure=True)(blk, genes, conf.measured) for blk in x_aligned.to_delayed().ravel()]
 
 
 def background_excess(E: sp.csr_matrix, depth: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

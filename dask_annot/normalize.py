@@ -59,18 +59,29 @@ def clipped_zscore(dense: np.ndarray, mean: np.ndarray, std: np.ndarray, clip: f
 def _zscore_block(block: sp.csr_matrix, umi: np.ndarray, model) -> np.ndarray:
     """Dense float32 z-scores (cells x reference genes) of one aligned block.
 
-    The annotation graph never builds these (see :func:`dask_annot.project.project_counts_block`);
+    The annotation graph never builds these (see :func:`dask_annot.project.project_counts`);
     they define what the projection computes, and tests and the reference build use them.
     """
     logn = log_normalize_block(block, umi, model.target_sum).toarray()
     return clipped_zscore(logn, model.mean, model.std, model.clip).astype(np.float32)
 
 
-def log_normalize_columns_block(block: sp.csr_matrix, columns: np.ndarray, target_sum: float) -> sp.csr_matrix:
+def _log_normalize_columns_block(block: sp.csr_matrix, columns: np.ndarray, target_sum: float) -> sp.csr_matrix:
     """Each cell scaled by its total over ALL columns of ``block``; only ``columns`` kept."""
     block = sp.csr_matrix(block)
     totals = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
     return log_normalize_block(block[:, columns], totals, target_sum)
+
+
+def log_normalize_columns(x: da.Array, columns: np.ndarray, *, target_sum: float = 1e4) -> da.Array:
+    """Lazy log-normalized CSR blocks of ``columns`` of ``x``, each cell scaled by its total
+    over every column of ``x`` (``x``: counts aligned to a reference's gene universe)."""
+    check_cell_chunked(x, "log_normalize_columns")
+    columns = np.asarray(columns, dtype=np.int64)
+    return da.map_blocks(
+        _log_normalize_columns_block, x, columns, target_sum,
+        dtype=np.float64, chunks=(x.chunks[0], (columns.size,)), meta=sp.csr_matrix((0, 0), dtype=np.float64),
+    )
 
 
 def log_normalize(x: da.Array, umi: da.Array, *, target_sum: float = 1e4) -> da.Array:

@@ -88,34 +88,21 @@ def _versions() -> dict:
 def embedding(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cells: int, model_d=None):
     """Lazy reference-PCA coordinates of every cell (cells x PCs, float32): align to the
     reference's gene universe, log-normalize by the universe total, then the sparse form
-    of z-score + projection of the selected genes (see :func:`embedding_and_stats`)."""
-    return embedding_and_stats(st, mdl, al, chunk_cells=chunk_cells, model_d=model_d)[0]
-
-
-def embedding_and_stats(st: store.StoreInfo, mdl: Model, al: align.Alignment, *, chunk_cells: int, model_d=None,
-                        conf: confidence.Confidence | None = None) -> tuple[da.Array, list | None]:
-    """:func:`embedding`, one task per chunk (its read and alignment fused in), and with
-    ``conf`` each chunk's foreign-gene statistics (:func:`confidence.foreign_block_stats`)
-    from the same task, one Delayed per chunk: the chunk is read once for both, and what
-    its consumers share is its small embedding, not its counts."""
+    of z-score + projection of the selected genes."""
     model_d = model_d if model_d is not None else dask.delayed(mdl, pure=True, traverse=False)
     proj = project.projection_matrix(mdl.loadings, al.query_index[mdl.hvg_index] >= 0, what=str(st.source.get("path", st.path)))
     terms_d = dask.delayed(project.projection_terms(proj, mdl.mean, mdl.std), pure=True, traverse=False)
-    stats_d = None if conf is None else dask.delayed((conf.genes[conf.foreign], conf.measured), pure=True, traverse=False)
-    hvg_d = dask.delayed(np.asarray(mdl.hvg_index, dtype=np.int64), pure=True, traverse=False)
-    aligned = align.align(store.counts_array(st, chunk_cells=chunk_cells), al)
-    outs = [dask.delayed(_embed_chunk, pure=True, nout=2)(blk, hvg_d, mdl.target_sum, terms_d, model_d, stats_d)
-            for blk in aligned.to_delayed().ravel()]
-    meta = np.empty((0, 0), np.float32)
-    emb = da.concatenate([da.from_delayed(o[0], shape=(size, mdl.n_pcs), dtype=np.float32, meta=meta)
-                          for o, size in zip(outs, aligned.chunks[0])], axis=0)
-    return emb, (None if conf is None else [o[1] for o in outs])
+    X = store.counts_array(st, chunk_cells=chunk_cells)
+    logn = normalize.log_normalize_columns(align.align(X, al), mdl.hvg_index, target_sum=mdl.target_sum)
+    return project.project_counts(logn, terms_d, model_d, n_pcs=mdl.n_pcs)
 
 
-def _embed_chunk(aligned, hvg_index, target_sum, terms, model, stats_args):
-    logn = normalize.log_normalize_columns_block(aligned, hvg_index, target_sum)
-    emb = project.project_counts_block(logn, terms, model)
-    return emb, (None if stats_args is None else confidence.foreign_block_stats(aligned, *stats_args))
+def _materialised(emb: da.Array) -> da.Array:
+    """``emb`` with each chunk one task (its read, alignment, normalisation and projection
+    fused), so that several consumers share the chunk's small embedding, not its counts."""
+    blocks = emb.to_delayed().ravel()
+    return da.concatenate([da.from_delayed(b, shape=(size, emb.shape[1]), dtype=emb.dtype, meta=emb._meta)
+                           for b, size in zip(blocks, emb.chunks[0])], axis=0)
 
 
 def reference_pcs(record: dict, *, n_pcs: int = 2, client=None) -> np.ndarray:
@@ -425,10 +412,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     mdir = outputs.model_dir(output_dir, run_id, mdl.name)
     umi_all = st.umi_count
     model_d = dask.delayed(mdl, pure=True, traverse=False)
-    conf = confidence.Confidence.from_model(mdl, al.query_index)
-    use_conf = conf is not None and settings.reject != "none"
-    emb, fstats = embedding_and_stats(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d,
-                                      conf=conf if use_conf else None)
+    emb = _materialised(embedding(st, mdl, al, chunk_cells=settings.chunk_cells, model_d=model_d))
     placement = None
     if mdl.shards and plan.method in ("exact", "ivf"):  # searched shard by shard, merged exactly
         placement = knn.shard_placement(_worker_addresses(active), len(mdl.shards))
@@ -438,7 +422,10 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
         nbrs = knn.neighbors(emb, model_d, k=plan.k_used, method=plan.method, epsilon=settings.ann_epsilon)
     bounds = np.cumsum((0,) + nbrs.chunks[0])
     emb2 = emb[:, :2].rechunk({0: nbrs.chunks[0], 1: -1})
+    conf = confidence.Confidence.from_model(mdl, al.query_index)
+    use_conf = conf is not None and settings.reject != "none"
     scores = plan.spread or use_conf
+    fstats = confidence.foreign_stats(align.align(store.counts_array(st, chunk_cells=settings.chunk_cells), al), conf) if use_conf else None
     ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []

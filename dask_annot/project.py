@@ -7,9 +7,11 @@ clip (a zero count has ``z = -mean / std <= 0``), so everything stays sparse.
 """
 from __future__ import annotations
 
+import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
+from .normalize import check_cell_chunked
 
 
 MIN_MEASURED_MASS = 1e-3
@@ -76,6 +78,18 @@ def sparse_projection(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray],
     return emb
 
 
-def project_counts_block(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray], model) -> np.ndarray:
+def _project_counts_block(logn: sp.csr_matrix, terms: tuple[np.ndarray, np.ndarray], model) -> np.ndarray:
     """(cells x genes) sparse log-normalized values -> (cells x PCs) float32, in float64."""
     return sparse_projection(logn, terms, model.mean, model.std, model.clip).astype(np.float32)
+
+
+def project_counts(logn: da.Array, terms, model, *, n_pcs: int) -> da.Array:
+    """Lazy embedding of log-normalized sparse blocks (the sparse form of z-score + :func:`project`).
+
+    ``terms`` is :func:`projection_terms` (or a ``Delayed`` of it); ``model`` supplies mean, std, clip.
+    """
+    check_cell_chunked(logn, "project_counts")
+    return da.map_blocks(
+        _project_counts_block, logn, terms, model, dtype=np.float32,
+        chunks=(logn.chunks[0], (n_pcs,)), meta=np.empty((0, 0), np.float32),
+    )

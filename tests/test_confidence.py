@@ -135,7 +135,7 @@ def test_pooled_load_handles_missing_neighbours_and_zero_depth():
 
 def test_foreign_stats_count_only_repeated_foreign_genes_and_measured_depth():
     block = sp.csr_matrix(np.array([[1, 2, 0, 7], [3, 0, 1, 0], [0, 0, 0, 0]]))
-    f, depth = confidence.foreign_block_stats(block, np.array([0, 2]), np.array([0, 1, 2]))
+    f, depth = confidence._stats_block(block, np.array([0, 2]), np.array([0, 1, 2]))
     assert f.toarray().tolist() == [[0.0, 0.0], [3.0, 0.0], [0.0, 0.0]] and depth.tolist() == [3.0, 4.0, 0.0]
 
 

@@ -218,7 +218,7 @@ def test_calls_become_azimuths_vocabulary_by_depth_and_10xs_in_the_cloud_layout(
 
 
 def test_production_projection_equals_the_dense_definition_with_clipping_and_missing_genes(rng):
-    """project_counts_block (the sparse kernel (z-score folded into the loadings, clip corrected only on stored
+    """project_counts' sparse kernel (z-score folded into the loadings, clip corrected only on stored
     entries) against the definition: clipped dense z-scores times the projection matrix."""
     n_genes, n_pcs = 40, 6
     q, _ = np.linalg.qr(rng.normal(size=(n_genes, n_pcs)))
@@ -236,7 +236,7 @@ def test_production_projection_equals_the_dense_definition_with_clipping_and_mis
     logn = normalize.log_normalize_block(counts, np.asarray(counts.sum(axis=1)).ravel() + 50, 1e4)
     measured = rng.random(n_genes) > 0.25
     proj = project.projection_matrix(q, measured)
-    got = project.project_counts_block(logn, project.projection_terms(proj, M.mean, M.std), M)
+    got = project._project_counts_block(logn, project.projection_terms(proj, M.mean, M.std), M)
     dense = normalize.clipped_zscore(logn.toarray(), M.mean, M.std, M.clip)
     assert (dense >= M.clip).sum() > 20  # the clip correction is exercised
     np.testing.assert_allclose(got, (dense @ proj).astype(np.float32), rtol=1e-5, atol=1e-5)
