@@ -399,13 +399,7 @@ def background_excess(E: sp.csr_matrix, depth: np.ndarray, nbr: np.ndarray | Non
     gene-annotation difference adds to every cell. Only the excess over it counts.
     """
     n, G = E.shape
-    if nbr is not None and nbr.size:
-        valid = nbr >= 0
-        rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), valid.sum(axis=1))])
-        cols = np.concatenate([np.arange(n), nbr[valid]])
-    else:
-        rows = cols = np.arange(n)
-    A = sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+    A = neighbourhood_matrix(n, nbr)
     P = (A @ E.astype(np.float64)).tocsc()
     D = A @ np.asarray(depth, dtype=np.float64)
     rate = np.zeros(G)
@@ -455,13 +449,15 @@ def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | Non
 
 def neighbourhood_matrix(n: int, nbr: np.ndarray | None) -> sp.csr_matrix:
     """n x n, 1 where column j is row i or one of its neighbours (``nbr``, -1 = none)."""
-    if nbr is not None and nbr.size:
-        valid = np.asarray(nbr) >= 0
-        rows = np.concatenate([np.arange(n), np.repeat(np.arange(n), valid.sum(axis=1))])
-        cols = np.concatenate([np.arange(n), np.asarray(nbr)[valid]])
-    else:
-        rows = cols = np.arange(n)
-    return sp.csr_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+    if nbr is None or not np.asarray(nbr).size:
+        return sp.identity(n, format="csr")
+    nbr = np.asarray(nbr, dtype=np.int64)
+    own = np.concatenate([np.arange(n, dtype=np.int64)[:, None], nbr], axis=1)  # row i: i, then its neighbours
+    keep = own >= 0
+    indptr = np.concatenate([[0], np.cumsum(keep.sum(axis=1))])
+    A = sp.csr_matrix((np.ones(int(indptr[-1])), own[keep], indptr), shape=(n, n))
+    A.sum_duplicates()  # a neighbour listed twice (or the cell itself) counts once per listing, as before
+    return A
 
 
 def sample_wide(E: sp.csr_matrix, fine: np.ndarray, n_labels: int) -> np.ndarray:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dask
 import numba
 import numpy as np
+import scipy.sparse as sp
 from dask.delayed import Delayed
 
 from . import store
@@ -75,31 +76,28 @@ def _sample_rows(start: int, stop: int, step: int) -> np.ndarray:
     return np.arange(-(-start // step) * step, stop, step) - start
 
 
-def _logn(path: str, start: int, stop: int, n_features: int, umi: np.ndarray | None, step: int = 1,
-          cols: np.ndarray | None = None):
-    """Log-normalised cells ``start:stop`` (every ``step``-th cell by index; only the columns
-    ``cols`` if given: each cell is still scaled by its whole UMI total)."""
-    if umi is None:  # read by the task itself: 8 bytes a cell in each of three passes made 29 MB graphs at 1.2M cells
-        umi = store.read_umi(path, start, stop)
-    block = store.read_block(path, start, stop, n_features)
+def _sample(path: str, start: int, stop: int, n_features: int, step: int) -> tuple[sp.csr_matrix, np.ndarray]:
+    """Counts and UMI totals of every ``step``-th cell (by index) of the cells ``start:stop``."""
+    block, umi = store.read_block(path, start, stop, n_features), store.read_umi(path, start, stop)
     if step > 1:
         rows = _sample_rows(start, stop, step)
         block, umi = block[rows], np.asarray(umi)[rows]
-    if cols is not None:
-        block = block[:, cols]
-    return log_normalize_block(block, umi, 1e4)
+    return block, umi
 
 
-def _stats_block(path, start, stop, n_features, umi, step=1):
-    return gene_moments(_logn(path, start, stop, n_features, umi, step))
+def _stats_block(path, start, stop, n_features, step=1):
+    """Gene moments of the block's sampled cells, and those cells (for the Gram pass: the
+    store is read once for both)."""
+    block, umi = _sample(path, start, stop, n_features, step)
+    return gene_moments(log_normalize_block(block, umi, 1e4)), (block, umi)
 
 
 def _genes(stats: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """The query's variable genes with their mean and std, from per-block moments summed in
     block order (so the sums never depend on who computed what); None with fewer than 2."""
-    s1 = sum(a for a, _, _ in stats)
-    s2 = sum(b for _, b, _ in stats)
-    nexpr = sum(c for _, _, c in stats)
+    s1 = sum(a for (a, _, _), _ in stats)
+    s2 = sum(b for (_, b, _), _ in stats)
+    nexpr = sum(c for (_, _, c), _ in stats)
     mean_all, var_all = mean_var(s1, s2, n)
     hvg = select_hvg(mean_all, var_all, nexpr, N_HVG)
     if hvg.size < 2:
@@ -109,15 +107,15 @@ def _genes(stats: list, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | N
     return hvg, mean_all[hvg], std
 
 
-def _z(path, start, stop, n_features, umi, genes, step=1) -> np.ndarray:
+def _z(block: sp.csr_matrix, umi: np.ndarray, genes) -> np.ndarray:
     hvg, mean, std = genes
-    return clipped_zscore(_logn(path, start, stop, n_features, umi, step, hvg).toarray(), mean, std, CLIP)
+    return clipped_zscore(log_normalize_block(block[:, hvg], umi, 1e4).toarray(), mean, std, CLIP)
 
 
-def _gram_block(path, start, stop, n_features, umi, genes, step=1):
+def _gram_block(stats_block, genes):
     if genes is None:
         return None
-    z = _z(path, start, stop, n_features, umi, genes, step)
+    z = _z(*stats_block[1], genes)
     return z.T @ z, z.sum(axis=0)
 
 
@@ -131,12 +129,13 @@ def _basis(grams: list, n: int):
     return centre, pca_loadings(cov, min(N_PCS, gram.shape[0] - 1)).astype(np.float64)
 
 
-def _project_block(path, start, stop, n_features, umi, genes, basis):
+def _project_block(path, start, stop, n_features, genes, basis):
     if basis is None:
         return None
     hvg, mean, std = genes
     centre, loadings = basis
-    logn = _logn(path, start, stop, n_features, umi, 1, hvg)  # sparse: no dense z-matrix of every cell
+    block, umi = _sample(path, start, stop, n_features, 1)
+    logn = log_normalize_block(block[:, hvg], umi, 1e4)  # sparse: no dense z-matrix of every cell
     return sparse_projection(logn, projection_terms(loadings, mean, std), mean, std, CLIP) - centre @ loadings
 
 
@@ -153,18 +152,19 @@ def basis_step(n: int) -> int:
 
 def query_embedding(st: store.StoreInfo) -> Delayed:
     """Lazy: the query's own PCA coordinates (cells x PCs, float64), or None when it has
-    no variable genes. Three passes over the store in :data:`BLOCK_CELLS`-cell tasks:
-    gene moments and the Gram matrix of the z-scored variable genes (over every
-    :func:`basis_step`-th cell), then the projection of every cell."""
+    no variable genes. Two passes over the store in :data:`BLOCK_CELLS`-cell tasks: gene
+    moments of every :func:`basis_step`-th cell, which are kept in memory for the Gram
+    matrix of their z-scored variable genes (about :data:`BASIS_CELLS` cells' counts),
+    then the projection of every cell."""
     n, G, path = st.n_cells, st.n_features, st.path
     blocks = _blocks(n)
     step = basis_step(n)
     n_basis = len(range(0, n, step))
-    stats = [dask.delayed(_stats_block, pure=True)(path, a, b, G, None, step) for a, b in blocks]
+    stats = [dask.delayed(_stats_block, pure=True)(path, a, b, G, step) for a, b in blocks]
     genes = dask.delayed(_genes, pure=True)(stats, n_basis)
-    grams = [dask.delayed(_gram_block, pure=True)(path, a, b, G, None, genes, step) for a, b in blocks]
+    grams = [dask.delayed(_gram_block, pure=True)(st_, genes) for st_ in stats]
     basis = dask.delayed(_basis, pure=True)(grams, n_basis)
-    parts = [dask.delayed(_project_block, pure=True)(path, a, b, G, None, genes, basis) for a, b in blocks]
+    parts = [dask.delayed(_project_block, pure=True)(path, a, b, G, genes, basis) for a, b in blocks]
     return dask.delayed(_concat, pure=True)(parts)
 
 
