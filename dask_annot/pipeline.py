@@ -425,7 +425,7 @@ def _run_knn(plan: KnnPlan, st: store.StoreInfo, fp: dict, *, root: Path, run_id
     conf = confidence.Confidence.from_model(mdl, al.query_index)
     use_conf = conf is not None and settings.reject != "none"
     scores = plan.spread or use_conf
-    fstats = confidence.foreign_stats(align.align(store.counts_array(st, chunk_cells=settings.chunk_cells), al), conf) if use_conf else None
+    fstats = confidence.foreign_stats(store.counts_array(st, chunk_cells=settings.chunk_cells), conf, al.query_index) if use_conf else None
     ckpt = _checkpoint_dir(root / "work", fp, plan, settings, bounds, scores=scores)
     done = _finished_chunks(ckpt, bounds)
     parts = []

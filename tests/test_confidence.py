@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -135,8 +137,29 @@ def test_pooled_load_handles_missing_neighbours_and_zero_depth():
 
 def test_foreign_stats_count_only_repeated_foreign_genes_and_measured_depth():
     block = sp.csr_matrix(np.array([[1, 2, 0, 7], [3, 0, 1, 0], [0, 0, 0, 0]]))
-    f, depth = confidence._stats_block(block, np.array([0, 2]), np.array([0, 1, 2]))
+    f, depth = confidence._stats_block(block, np.array([0, 2]), np.array([1.0, 1.0, 1.0, 0.0]))
     assert f.toarray().tolist() == [[0.0, 0.0], [3.0, 0.0], [0.0, 0.0]] and depth.tolist() == [3.0, 4.0, 0.0]
+
+
+def test_foreign_stats_from_the_counts_as_read_equal_those_from_the_aligned_counts():
+    """Universe genes in another order than the query's columns, one unmeasured: the statistics
+    from the raw chunks are those of the aligned chunks (columns picked by the universe)."""
+    import dask
+    import dask.array as da
+
+    from dask_annot import align
+
+    rng = np.random.default_rng(3)
+    raw = sp.csr_matrix(rng.poisson(0.8, size=(50, 6)).astype(np.int32))
+    query_index = np.array([4, -1, 0, 5, 2])  # universe gene -> query column
+    conf = SimpleNamespace(genes=np.array([0, 3, 4]), foreign=np.array([True, False, True]), measured=np.array([0, 2, 3, 4]))
+    x = da.from_delayed(dask.delayed(raw), shape=raw.shape, dtype=np.int32, meta=sp.csr_matrix((0, 6), dtype=np.int32))
+    (got,) = dask.compute(confidence.foreign_stats(x, conf, query_index))
+    aligned = raw @ align.Alignment.selection(SimpleNamespace(query_index=query_index, n_query_genes=6, n_reference_genes=5))
+    f_ref = aligned[:, conf.genes[conf.foreign]].toarray().astype(np.float32)
+    f_ref[f_ref < confidence.MIN_COUNT] = 0
+    assert np.array_equal(got[0][0].toarray(), f_ref)
+    assert got[0][1].tolist() == np.asarray(aligned[:, conf.measured].sum(axis=1)).ravel().astype(float).tolist()
 
 
 def test_a_gene_every_neighbourhood_expresses_is_background():
