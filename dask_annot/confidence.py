@@ -399,7 +399,8 @@ def foreign_stats(st, conf: Confidence, query_index: np.ndarray, *, chunk_cells:
             for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def background_excess(E: sp.csr_matrix, depth: np.ndarray, nbr: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def background_excess(E: sp.csr_matrix, depth: np.ndarray, nbr: np.ndarray | None,
+                      A: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pooled foreign UMIs above the query's own background, pooled depth, and per gene the
     background rate.
 
@@ -408,9 +409,10 @@ def background_excess(E: sp.csr_matrix, depth: np.ndarray, nbr: np.ndarray | Non
     pooled UMIs per pooled depth: zero for a gene that only some of the query's
     populations express (a type's program), the common level for one a chemistry or
     gene-annotation difference adds to every cell. Only the excess over it counts.
+    ``A``: :func:`neighbourhood_matrix` of ``nbr`` when the caller already has it.
     """
     n, G = E.shape
-    A = neighbourhood_matrix(n, nbr)
+    A = neighbourhood_matrix(n, nbr) if A is None else A
     P = (A @ E.astype(np.float64)).tocsc()
     D = A @ np.asarray(depth, dtype=np.float64)
     rate = np.zeros(G)
@@ -435,7 +437,8 @@ def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | Non
     """Which cells fail the novelty test (bool), and what was used (for run.json)."""
     E = sp.vstack([s[0] for s in stats], format="csr") if stats else sp.csr_matrix((0, int(conf.foreign.sum())))
     depth = np.concatenate([s[1] for s in stats]) if stats else np.zeros(0)
-    xp, dp, rate = background_excess(E, depth, nbr)
+    A = neighbourhood_matrix(E.shape[0], nbr)  # the query's neighbourhoods, once for both tests
+    xp, dp, rate = background_excess(E, depth, nbr, A)
     # the reference side on the same (measured) genes; candidate genes foreign only
     # leave-one-out stay in: the reference cells holding them would count them as new
     ref_genes = np.zeros(conf.ref_counts.shape[1], dtype=bool)
@@ -447,7 +450,7 @@ def novel(conf: Confidence, stats: list, fine: np.ndarray, nbr: np.ndarray | Non
     # second signal: a foreign *program* (genes most of the neighbourhood expresses), over the
     # label's leave-one-out reference level; a technology shift adds diffuse foreign UMIs, not programs
     wide = sample_wide(E, fine, conf.n_labels)
-    prog = program_genes(E[:, np.flatnonzero(~wide)], nbr)
+    prog = program_genes(E[:, np.flatnonzero(~wide)], nbr, A)
     ref_prog = program_genes(conf.ref_counts[:, conf.cand_columns], conf.ref_graph)
     pthr = label_quantiles(ref_prog, conf.label_codes, conf.n_labels)
     programmed = prog > pthr[fine]
@@ -493,15 +496,16 @@ def sample_wide(E: sp.csr_matrix, fine: np.ndarray, n_labels: int) -> np.ndarray
     return (frac > FOREIGN_MAX_FRACTION).all(axis=0) & (frac <= PROGRAM_FRACTION).all(axis=0)
 
 
-def program_genes(E: sp.csr_matrix, nbr: np.ndarray | None) -> np.ndarray:
+def program_genes(E: sp.csr_matrix, nbr: np.ndarray | None, A: sp.csr_matrix | None = None) -> np.ndarray:
     """Per cell: how many foreign genes (columns of ``E``: counts kept only where at least
     :data:`MIN_COUNT`) more than :data:`PROGRAM_FRACTION` of the cell and its neighbours
-    express: the foreign genes its neighbourhood shares as a program."""
+    express: the foreign genes its neighbourhood shares as a program (``A``: as in
+    :func:`background_excess`)."""
     E = sp.csr_matrix(E)
     n = E.shape[0]
     if n == 0:
         return np.zeros(0)
-    A = neighbourhood_matrix(n, nbr)
+    A = neighbourhood_matrix(n, nbr) if A is None else A
     size = np.asarray(A.sum(axis=1), dtype=np.float64).ravel()
     on = sp.csr_matrix((np.ones(E.nnz), E.indices, E.indptr), shape=E.shape)
     on.data[E.data <= 0] = 0.0
